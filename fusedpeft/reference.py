@@ -24,6 +24,11 @@ _PHILOX_KEY_B = 0xBB67AE85
 _UNIFORM_SCALE = 4.6566127342e-10  # float32(x) * this < 1 for every non-negative int32 x
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in the reference's compute dtype: float64 stays float64, everything else becomes float32."""
+    return t.double() if t.dtype == torch.float64 else t.float()
+
+
 def _mul32(const: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(high, low) 32-bit words of const * x for uint32 values held in int64 (no overflow)."""
     x_hi, x_lo = x >> 16, x & 0xFFFF
@@ -103,22 +108,23 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=None):
-    """y = x @ W^T + bias + scaling * dropout(x) @ A^T @ B^T, computed in fp32, cast to x.dtype.
+    """y = x @ W^T + bias + scaling * dropout(x) @ A^T @ B^T, computed in fp32 (fp64 for fp64 x),
+    cast to x.dtype.
 
     x [..., K]; weight [D, K]; bias [D] or None; lora_A [r, K]; lora_B [D, r] -> [..., D].
     """
-    xf = x.float()
-    y = xf @ weight.float().t()
+    xf = _wide(x)
+    y = xf @ weight.to(xf.dtype).t()
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(xf.dtype)
     x_dropped = dropout(xf, dropout_p, seed)
-    y = y + scaling * (x_dropped @ lora_A.float().t()) @ lora_B.float().t()
+    y = y + scaling * (x_dropped @ lora_A.to(xf.dtype).t()) @ lora_B.to(xf.dtype).t()
     return y.to(x.dtype)
 
 
 def lora_delta_weight(lora_A, lora_B, scaling):
-    """ΔW = scaling * B @ A, [D, K], in fp32."""
-    return scaling * lora_B.float() @ lora_A.float()
+    """ΔW = scaling * B @ A, [D, K], in fp32 (fp64 for fp64 adapters)."""
+    return scaling * _wide(lora_B) @ _wide(lora_A)
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,9 +194,10 @@ def _mora_decompress(y: torch.Tensor, out_features: int, mora_type: int) -> torc
 
 
 def mora_adapter(x: torch.Tensor, M: torch.Tensor, out_features: int, mora_type: int) -> torch.Tensor:
-    """The MoRA branch alone: x [..., K] -> [..., D], computed in fp32."""
+    """The MoRA branch alone: x [..., K] -> [..., D], computed in fp32 (fp64 for fp64 x)."""
     r_hat = M.shape[0]
-    xf, Mf = x.float(), M.float()
+    xf = _wide(x)
+    Mf = M.to(xf.dtype)
     if mora_type != 6:
         return _mora_decompress(_mora_compress(xf, r_hat, mora_type) @ Mf.t(), out_features, mora_type)
     k = x.shape[-1]
@@ -198,7 +205,7 @@ def mora_adapter(x: torch.Tensor, M: torch.Tensor, out_features: int, mora_type:
     n = x_ext.shape[-1] // r_hat
     chunks = x_ext.reshape(*x.shape[:-1], n, r_hat)
     cos, sin = mora_rope_tables(r_hat, n, x.device)
-    rotated = chunks * cos + rotate_half(chunks) * sin
+    rotated = chunks * cos.to(xf.dtype) + rotate_half(chunks) * sin.to(xf.dtype)
     flat = (rotated @ Mf.t()).reshape(*x.shape[:-1], n * r_hat)
     if n * r_hat < out_features:
         flat = flat.repeat(*([1] * (flat.dim() - 1)), math.ceil(out_features / (n * r_hat)))
@@ -206,14 +213,15 @@ def mora_adapter(x: torch.Tensor, M: torch.Tensor, out_features: int, mora_type:
 
 
 def mora_linear(x, weight, bias, M, mora_type, dropout_p=0.0, seed=None):
-    """y = x @ W^T + bias + mora_adapter(dropout(x)), computed in fp32, cast to x.dtype.
+    """y = x @ W^T + bias + mora_adapter(dropout(x)), computed in fp32 (fp64 for fp64 x), cast to
+    x.dtype.
 
     x [..., K]; weight [D, K]; bias [D] or None; M [R, R] -> [..., D].
     """
-    xf = x.float()
-    y = xf @ weight.float().t()
+    xf = _wide(x)
+    y = xf @ weight.to(xf.dtype).t()
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(xf.dtype)
     y = y + mora_adapter(dropout(xf, dropout_p, seed), M, weight.shape[0], mora_type)
     return y.to(x.dtype)
 
@@ -242,25 +250,26 @@ def _output_slots(out_features: int, r_hat: int, mora_type: int) -> list[int]:
 
 
 def mora_delta_weight(M: torch.Tensor, in_features: int, out_features: int, mora_type: int) -> torch.Tensor:
-    """ΔW [D, K] in fp32 with x @ ΔW^T == mora_adapter(x): the merge of the MoRA reference.
+    """ΔW [D, K] in fp32 (fp64 for fp64 M) with x @ ΔW^T == mora_adapter(x): the merge of the
+    MoRA reference.
 
     Types 1-4: ΔW[p, q] = sum of M[slot_out(p), slot_in(i)] over padded inputs i that copy column q.
     Type 6: block-diagonal blocks M·R_i over the padded input, the last block's wrapped columns
     folded onto columns 0..pad-1, rows truncated (or tiled) to D.
     """
-    Mf = M.float()
+    Mf = _wide(M)
     r_hat = M.shape[0]
     if mora_type != 6:
-        compress = torch.zeros(r_hat, in_features, dtype=torch.float32, device=M.device)
+        compress = torch.zeros(r_hat, in_features, dtype=Mf.dtype, device=M.device)
         for column, slot in _input_slots(in_features, r_hat, mora_type):
             compress[slot, column] += 1.0
-        expand = torch.zeros(out_features, r_hat, dtype=torch.float32, device=M.device)
+        expand = torch.zeros(out_features, r_hat, dtype=Mf.dtype, device=M.device)
         for p, slot in enumerate(_output_slots(out_features, r_hat, mora_type)):
             expand[p, slot] = 1.0
         return expand @ Mf @ compress
     pad = mora_padding(in_features, r_hat, 6)
     n = (in_features + pad) // r_hat
-    cos, sin = mora_rope_tables(r_hat, n, M.device)
+    cos, sin = (t.to(Mf.dtype) for t in mora_rope_tables(r_hat, n, M.device))
     # M·R_i: column b of M times cos, plus column b of M rotated back by half, times sin
     m_swapped = torch.cat([Mf[:, r_hat // 2 :], -Mf[:, : r_hat // 2]], dim=1)
     blocks = [Mf * cos[i] + m_swapped * sin[i] for i in range(n)]
@@ -278,19 +287,20 @@ def mora_delta_weight(M: torch.Tensor, in_features: int, out_features: int, mora
 
 def token_loss_weights(labels, *, instruction_mask=None, instruction_weight=0.0, token_weights=None,
                        ignore_index=-100) -> torch.Tensor:
-    """w_t (float32, labels' shape): 0 on ignore_index, else 1 x instruction_weight on masked
-    tokens x token_weights."""
+    """w_t (float32, labels' shape; float64 with float64 token_weights): 0 on ignore_index, else
+    1 x instruction_weight on masked tokens x token_weights."""
     w = (labels != ignore_index).float()
     if instruction_mask is not None:
         w = torch.where(instruction_mask.bool(), w * instruction_weight, w)
     if token_weights is not None:
-        w = w * token_weights.float()
+        w = w * _wide(token_weights)
     return w
 
 
 def per_token_loss(logits, labels, *, label_smoothing=0.0, z_loss=0.0, softcap=None, ignore_index=-100):
-    """l_t (float32, labels' shape) from logits [..., V]; the label of ignored rows is not read."""
-    z = logits.float()
+    """l_t (float32, or float64 for float64 logits; labels' shape) from logits [..., V]; the label
+    of ignored rows is not read."""
+    z = _wide(logits)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     lse = torch.logsumexp(z, dim=-1)

@@ -1,0 +1,1 @@
+"""Triton kernels (@triton.jit) and their host launchers: the "triton" backend. None yet."""

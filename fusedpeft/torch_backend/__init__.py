@@ -1,0 +1,1 @@
+"""The "torch" backend: optimised PyTorch implementations of every op family (any device)."""

@@ -1,0 +1,57 @@
+"""What LoRALinear and MoRALinear share: the wrapped base layer, adapter dtype, merge / unmerge."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """float32 next to a 16-bit base weight (PEFT's default), else the base dtype."""
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
+def check_base(where: str, base) -> None:
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"{where}: base must be a torch.nn.Linear, got {type(base).__name__}")
+
+
+class AdapterLinear(nn.Module):
+    """Base class: holds ``base_layer`` (frozen, shared) and folds ``delta_weight()`` into it."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base_layer = base
+        base.requires_grad_(False)
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def delta_weight(self) -> torch.Tensor:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W += ΔW (in W's dtype); forward then runs the plain base layer. Warns if already merged."""
+        if self.merged:
+            warnings.warn(f"{type(self).__name__}.merge(): already merged; nothing was changed", stacklevel=2)
+            return
+        self.base_layer.weight += self.delta_weight()
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W -= ΔW, reversing merge() up to rounding. Warns if not merged."""
+        if not self.merged:
+            warnings.warn(f"{type(self).__name__}.unmerge(): not merged; nothing was changed", stacklevel=2)
+            return
+        self.base_layer.weight -= self.delta_weight()
+        self.merged = False

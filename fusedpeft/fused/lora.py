@@ -1,0 +1,87 @@
+"""LoRALinear: a drop-in nn.Linear wrapper computing base(x) + scaling * dropout(x) @ A^T @ B^T."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import nn
+
+from fusedpeft.backends import check_backend_name
+from fusedpeft.fused._adapter import AdapterLinear, adapter_dtype, check_base
+from fusedpeft.fused._checks import check_linear_input, check_positive_int, check_probability
+from fusedpeft.ops.lora import lora_linear
+from fusedpeft.reference import lora_delta_weight, lora_scaling, new_dropout_seed
+
+LORA_INITS = ("kaiming", "gaussian")
+
+
+class LoRALinear(AdapterLinear):
+    """``y = base(x) + scaling * dropout(x) @ lora_A.weight^T @ lora_B.weight^T`` (SPEC §2).
+
+    Args:
+        base: the nn.Linear to adapt; its weight [out, in] and bias [out] are shared (not copied)
+            and frozen.
+        r: rank; alpha: scaling numerator (scaling = alpha / r, or alpha / sqrt(r) with rsLoRA).
+        dropout: probability p in [0, 1) applied to x on the adapter path (training mode only),
+            with the Philox mask of SPEC §5 regenerated in backward, never stored.
+        init: "kaiming" (A kaiming-uniform with a = sqrt(5), B zeros) or "gaussian" (A ~ N(0, 1/r^2)).
+        backend: None (automatic), "triton", "cuda", "cpu" or "torch".
+    Shapes: x [..., in_features] -> [..., out_features]; lora_A.weight [r, in]; lora_B.weight
+    [out, r], float32 when the base weight is 16-bit, else the base dtype.
+    """
+
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
+                 use_rslora: bool = False, init: str = "kaiming", backend: str | None = None):
+        where = "fusedpeft.LoRALinear"
+        check_base(where, base)
+        check_positive_int(where, "r", r)
+        if not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+            raise ValueError(f"{where}: alpha must be a finite number, got {alpha!r}")
+        check_probability(where, "dropout", dropout)
+        if init == "zeros":
+            raise ValueError(f"{where}: init='zeros' is not allowed: with A and B both zero no gradient reaches "
+                             f"either; use init='kaiming' or 'gaussian'")
+        if init not in LORA_INITS:
+            raise ValueError(f"{where}: init must be one of {LORA_INITS}, got {init!r}")
+        check_backend_name(backend)
+        super().__init__(base)
+        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)
+        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
+        self.scaling = lora_scaling(r, alpha, use_rslora)
+        self.dropout = float(dropout)
+        self.backend = backend
+        self.reset_lora_parameters(init)
+
+
+    def reset_lora_parameters(self, init: str = "kaiming") -> None:
+        """Initialise as PEFT does: A random (kaiming-uniform a=sqrt(5), or normal std 1/r), B zero."""
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features] in x's dtype (the autocast dtype under autocast)."""
+        base = self.base_layer
+        check_linear_input("fusedpeft.LoRALinear.forward", x, base.weight)
+        if self.merged:
+            return base(x)
+        p = self.dropout if self.training else 0.0
+        seed = new_dropout_seed() if p > 0.0 else None
+        return lora_linear(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, p, seed,
+                           self.backend)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = scaling * B @ A [out, in], computed in fp32, returned in the base weight's dtype."""
+        return lora_delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling).to(self.base_layer.weight.dtype)
+
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"scaling={self.scaling:g}, dropout={self.dropout}, merged={self.merged}, backend={self.backend}")

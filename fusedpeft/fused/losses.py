@@ -1,0 +1,154 @@
+"""Masked / weighted cross-entropy (SPEC §4): functionals and their nn.Module forms.
+
+Labels are aligned with the rows (no shifting inside). The loss is float32 whatever the input
+dtype. w_t = 0 on ignore_index, else 1 x instruction_weight where instruction_mask is True x
+token_weights[t]; "mean" divides by sum_t w_t (or num_items_in_batch) and is 0.0 when that is 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fusedpeft.backends import check_backend_name
+from fusedpeft.fused._checks import (
+    check_labels,
+    check_loss_options,
+    check_positive_int,
+    check_row_tensor,
+    check_same_device,
+    check_tensor,
+)
+from fusedpeft.ops._common import autocast_dtype
+from fusedpeft.ops.cross_entropy import DEFAULT_CHUNK_BUDGET_BYTES, cross_entropy
+from fusedpeft.ops.cross_entropy import linear_cross_entropy as linear_cross_entropy_op
+
+
+def _check_weighting(where, labels, instruction_mask, token_weights, options) -> None:
+    check_loss_options(where, **options)
+    if instruction_mask is not None:
+        check_row_tensor(where, "instruction_mask", instruction_mask, labels, weights=False)
+    if token_weights is not None:
+        check_row_tensor(where, "token_weights", token_weights, labels, weights=True)
+
+
+def masked_cross_entropy(logits, labels, *, instruction_mask=None, instruction_weight=0.0, token_weights=None,
+                         ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
+                         num_items_in_batch=None, backend=None) -> torch.Tensor:
+    """Cross-entropy from logits [..., V] (any float dtype) and labels [...] (int).
+
+    instruction_mask [...] bool, token_weights [...] float >= 0, num_items_in_batch int or 0-dim
+    tensor (never read on the host). Returns a float32 scalar, or float32 [...] for "none".
+    """
+    where = "fusedpeft.masked_cross_entropy"
+    check_tensor(where, "logits", logits, floating=True)
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"{where}: logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
+    options = dict(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                   instruction_weight=instruction_weight, num_items_in_batch=num_items_in_batch,
+                   ignore_index=ignore_index)
+    check_labels(where, labels, logits.shape[-1], logits.shape[:-1], "logits.shape[:-1]", ignore_index, logits.device)
+    _check_weighting(where, labels, instruction_mask, token_weights, options)
+    check_backend_name(backend)
+    return cross_entropy(logits, labels, instruction_mask=instruction_mask, instruction_weight=instruction_weight,
+                         token_weights=token_weights, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                         num_items_in_batch=num_items_in_batch, backend=backend)
+
+
+def linear_cross_entropy(hidden, weight, labels, bias=None, *, instruction_mask=None, instruction_weight=0.0,
+                         token_weights=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                         softcap=None, num_items_in_batch=None, chunk_budget_bytes=DEFAULT_CHUNK_BUDGET_BYTES,
+                         backend=None) -> torch.Tensor:
+    """masked_cross_entropy(hidden @ weight^T + bias, labels) without materialising the logits.
+
+    hidden [..., H], weight [V, H] and bias [V] share one float dtype and device (under autocast
+    all three are cast to the autocast dtype, as an nn.Linear head would be); labels [...].
+    At most ``chunk_budget_bytes`` of chunk logits (and their fp32 temporaries) are alive at once;
+    rows with weight 0 cost no matmul. Returns a float32 scalar, or float32 [...] for "none".
+    """
+    where = "fusedpeft.linear_cross_entropy"
+    check_tensor(where, "hidden", hidden, floating=True)
+    check_tensor(where, "weight", weight, floating=True)
+    if weight.dim() != 2 or hidden.dim() == 0 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"{where}: weight must be [V, H] with H = hidden.shape[-1]; got weight shape "
+                         f"{tuple(weight.shape)} and hidden shape {tuple(hidden.shape)}")
+    check_same_device(where, "weight", weight, "hidden", hidden)
+    cast = autocast_dtype(hidden.device.type)
+    if cast is None and weight.dtype != hidden.dtype:
+        raise TypeError(f"{where}: hidden has dtype {hidden.dtype} but weight has dtype {weight.dtype}; they must "
+                        f"match (or run under torch.autocast)")
+    if bias is not None:
+        check_tensor(where, "bias", bias, floating=True)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{where}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        check_same_device(where, "bias", bias, "hidden", hidden)
+        if cast is None and bias.dtype != hidden.dtype:
+            raise TypeError(f"{where}: bias has dtype {bias.dtype} but hidden has dtype {hidden.dtype}")
+    check_positive_int(where, "chunk_budget_bytes", chunk_budget_bytes)
+    options = dict(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                   instruction_weight=instruction_weight, num_items_in_batch=num_items_in_batch,
+                   ignore_index=ignore_index)
+    check_labels(where, labels, weight.shape[0], hidden.shape[:-1], "hidden.shape[:-1]", ignore_index, hidden.device)
+    _check_weighting(where, labels, instruction_mask, token_weights, options)
+    check_backend_name(backend)
+    if cast is not None:
+        hidden, weight = hidden.to(cast), weight.to(cast)
+        bias = None if bias is None else bias.to(cast)
+    return linear_cross_entropy_op(hidden, weight, labels, bias, instruction_mask=instruction_mask,
+                                   instruction_weight=instruction_weight, token_weights=token_weights,
+                                   ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                                   z_loss=z_loss, softcap=softcap, num_items_in_batch=num_items_in_batch,
+                                   chunk_budget_bytes=chunk_budget_bytes, backend=backend)
+
+
+class MaskedCrossEntropyLoss(nn.Module):
+    """nn.Module form of masked_cross_entropy; the keywords are attributes.
+
+    forward(logits [..., V], labels [...], instruction_mask=None, token_weights=None,
+    num_items_in_batch=None) -> float32 loss.
+    """
+
+    def __init__(self, *, instruction_weight=0.0, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                 softcap=None, backend=None):
+        super().__init__()
+        check_loss_options(f"fusedpeft.{type(self).__name__}", reduction=reduction, label_smoothing=label_smoothing,
+                           z_loss=z_loss, softcap=softcap, instruction_weight=instruction_weight,
+                           num_items_in_batch=None, ignore_index=ignore_index)
+        check_backend_name(backend)
+        self.instruction_weight, self.ignore_index, self.reduction = instruction_weight, ignore_index, reduction
+        self.label_smoothing, self.z_loss, self.softcap, self.backend = label_smoothing, z_loss, softcap, backend
+
+    def _keywords(self) -> dict:
+        return dict(instruction_weight=self.instruction_weight, ignore_index=self.ignore_index,
+                    reduction=self.reduction, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+                    softcap=self.softcap, backend=self.backend)
+
+    def forward(self, logits, labels, instruction_mask=None, token_weights=None, num_items_in_batch=None):
+        return masked_cross_entropy(logits, labels, instruction_mask=instruction_mask, token_weights=token_weights,
+                                    num_items_in_batch=num_items_in_batch, **self._keywords())
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self._keywords().items())
+
+
+class LinearCrossEntropyLoss(MaskedCrossEntropyLoss):
+    """nn.Module form of linear_cross_entropy (an LM head fused with the loss).
+
+    forward(hidden [..., H], weight [V, H], labels [...], bias=None, instruction_mask=None,
+    token_weights=None, num_items_in_batch=None) -> float32 loss.
+    """
+
+    def __init__(self, *, chunk_budget_bytes=DEFAULT_CHUNK_BUDGET_BYTES, **keywords):
+        super().__init__(**keywords)
+        check_positive_int(f"fusedpeft.{type(self).__name__}", "chunk_budget_bytes", chunk_budget_bytes)
+        self.chunk_budget_bytes = chunk_budget_bytes
+
+    def _keywords(self) -> dict:
+        return {**super()._keywords(), "chunk_budget_bytes": self.chunk_budget_bytes}
+
+    def forward(self, hidden, weight, labels, bias=None, instruction_mask=None, token_weights=None,
+                num_items_in_batch=None):
+        return linear_cross_entropy(hidden, weight, labels, bias, instruction_mask=instruction_mask,
+                                    token_weights=token_weights, num_items_in_batch=num_items_in_batch,
+                                    **self._keywords())

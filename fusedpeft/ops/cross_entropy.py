@@ -1,0 +1,214 @@
+"""The cross_entropy op family (SPEC §4): masked / weighted cross-entropy from logits, and the
+linear cross-entropy that never materialises rows x V logits.
+
+The op layer folds ignore_index, instruction_mask / instruction_weight, token_weights and the
+reduction's normaliser into one per-row factor ``row_scale`` (a device tensor: no host sync for
+num_items_in_batch), so every backend computes sum_t row_scale[t] * l_t (or the per-row values
+for reduction "none") and skips rows whose factor is 0.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fusedpeft.backends import implementation, resolve_backend
+from fusedpeft.ops._common import empty_result, maybe, no_autocast
+from fusedpeft.reference import token_loss_weights
+
+DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------ from logits
+
+
+@torch.library.custom_op("fusedpeft::cross_entropy", mutates_args=())
+def cross_entropy_op(logits: Tensor, labels: Tensor, row_scale: Tensor, reduce: bool, label_smoothing: float,
+                     z_loss: float, softcap: Optional[float], backend: str) -> tuple[Tensor, Tensor]:
+    """logits [N, V], labels [N], row_scale [N] -> (loss: 0-dim if reduce else [N], lse [N]), fp32."""
+    with no_autocast(logits.device.type):
+        return implementation("cross_entropy", backend).cross_entropy_forward(
+            logits, labels, row_scale, reduce, label_smoothing, z_loss, softcap)
+
+
+@cross_entropy_op.register_fake
+def _(logits, labels, row_scale, reduce, label_smoothing, z_loss, softcap, backend):
+    acc = _acc_dtype(logits.dtype)
+    loss = logits.new_empty((), dtype=acc) if reduce else logits.new_empty(logits.shape[0], dtype=acc)
+    return loss, logits.new_empty(logits.shape[0], dtype=acc)
+
+
+@torch.library.custom_op("fusedpeft::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward_op(grad_loss: Tensor, logits: Tensor, labels: Tensor, row_scale: Tensor, lse: Tensor,
+                              label_smoothing: float, z_loss: float, softcap: Optional[float], backend: str) -> Tensor:
+    """grad_loss (0-dim or [N]) -> grad_logits [N, V] in logits' dtype."""
+    with no_autocast(logits.device.type):
+        return implementation("cross_entropy", backend).cross_entropy_backward(
+            grad_loss, logits, labels, row_scale, lse, label_smoothing, z_loss, softcap)
+
+
+@cross_entropy_backward_op.register_fake
+def _(grad_loss, logits, labels, row_scale, lse, label_smoothing, z_loss, softcap, backend):
+    return torch.empty_like(logits)
+
+
+def _ce_setup_context(ctx, inputs, output):
+    logits, labels, row_scale, reduce, label_smoothing, z_loss, softcap, backend = inputs
+    ctx.save_for_backward(logits, labels, row_scale, output[1])
+    ctx.options = (label_smoothing, z_loss, softcap, backend)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _ce_backward(ctx, grad_loss, grad_lse):
+    logits, labels, row_scale, lse = ctx.saved_tensors
+    grad = cross_entropy_backward_op(grad_loss.contiguous(), logits, labels, row_scale, lse, *ctx.options)
+    return grad, None, None, None, None, None, None, None
+
+
+cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+
+
+# ------------------------------------------------------------------------ linear (fused LM head)
+
+
+@torch.library.custom_op("fusedpeft::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, row_scale: Tensor,
+                            reduce: bool, label_smoothing: float, z_loss: float, softcap: Optional[float],
+                            chunk_budget_bytes: int, need_hidden: bool, need_weight: bool, need_bias: bool,
+                            backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """hidden [N, H], weight [V, H], bias [V]?, labels [N], row_scale [N] ->
+    (loss: 0-dim if reduce else [N], grad_hidden [N, H], grad_weight [V, H], grad_bias [V]).
+
+    With reduce the gradients asked for by need_* are computed in this pass (the incoming
+    gradient is a scalar); otherwise, and for gradients not asked for, they are empty [0].
+    """
+    with no_autocast(hidden.device.type):
+        loss, *grads = implementation("cross_entropy", backend).linear_cross_entropy_forward(
+            hidden, weight, bias, labels, row_scale, reduce, label_smoothing, z_loss, softcap, chunk_budget_bytes,
+            need_hidden, need_weight, need_bias)
+    return loss, *(g if g is not None else empty_result(hidden) for g in grads)
+
+
+@linear_cross_entropy_op.register_fake
+def _(hidden, weight, bias, labels, row_scale, reduce, label_smoothing, z_loss, softcap, chunk_budget_bytes,
+      need_hidden, need_weight, need_bias, backend):
+    acc = _acc_dtype(hidden.dtype)
+    loss = hidden.new_empty((), dtype=acc) if reduce else hidden.new_empty(hidden.shape[0], dtype=acc)
+    return (loss,
+            torch.empty_like(hidden) if reduce and need_hidden else empty_result(hidden),
+            torch.empty_like(weight) if reduce and need_weight else empty_result(hidden),
+            torch.empty_like(bias) if reduce and need_bias and bias is not None else empty_result(hidden))
+
+
+@torch.library.custom_op("fusedpeft::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward_op(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                     labels: Tensor, row_scale: Tensor, label_smoothing: float, z_loss: float,
+                                     softcap: Optional[float], chunk_budget_bytes: int, need_hidden: bool,
+                                     need_weight: bool, need_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """grad_loss [N] (reduction "none") -> (grad_hidden, grad_weight, grad_bias), recomputed chunk by chunk."""
+    with no_autocast(hidden.device.type):
+        grads = implementation("cross_entropy", backend).linear_cross_entropy_backward(
+            grad_loss, hidden, weight, bias, labels, row_scale, label_smoothing, z_loss, softcap, chunk_budget_bytes,
+            need_hidden, need_weight, need_bias)
+    return tuple(g if g is not None else empty_result(hidden) for g in grads)
+
+
+@linear_cross_entropy_backward_op.register_fake
+def _(grad_loss, hidden, weight, bias, labels, row_scale, label_smoothing, z_loss, softcap, chunk_budget_bytes,
+      need_hidden, need_weight, need_bias, backend):
+    return (torch.empty_like(hidden) if need_hidden else empty_result(hidden),
+            torch.empty_like(weight) if need_weight else empty_result(hidden),
+            torch.empty_like(bias) if need_bias and bias is not None else empty_result(hidden))
+
+
+def _lce_setup_context(ctx, inputs, output):
+    (hidden, weight, bias, labels, row_scale, reduce, label_smoothing, z_loss, softcap, chunk_budget_bytes,
+     need_hidden, need_weight, need_bias, backend) = inputs
+    ctx.reduce = reduce
+    ctx.mark_non_differentiable(*output[1:])
+    if reduce:
+        ctx.save_for_backward(*output[1:])
+    else:
+        ctx.save_for_backward(hidden, weight, bias, labels, row_scale)
+        ctx.options = (label_smoothing, z_loss, softcap, chunk_budget_bytes, need_hidden, need_weight, need_bias,
+                       backend)
+
+
+def _lce_backward(ctx, grad_loss, *unused):
+    if ctx.reduce:
+        grads = [maybe(g) for g in ctx.saved_tensors]
+        grads = [None if g is None else (g * grad_loss).to(g.dtype) for g in grads]
+    else:
+        hidden, weight, bias, labels, row_scale = ctx.saved_tensors
+        grads = [maybe(g) for g in linear_cross_entropy_backward_op(
+            grad_loss.contiguous(), hidden, weight, bias, labels, row_scale, *ctx.options)]
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    grads = [g if need else None for g, need in zip(grads, (need_hidden, need_weight, need_bias))]
+    return (*grads, None, None, None, None, None, None, None, None, None, None, None)
+
+
+linear_cross_entropy_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
+
+
+# ------------------------------------------------------------------------ entry points
+
+
+def row_scale_and_labels(labels: Tensor, vocab: int, *, instruction_mask=None, instruction_weight=0.0,
+                         token_weights=None, ignore_index=-100, reduction="mean", num_items_in_batch=None,
+                         dtype=torch.float32) -> tuple[Tensor, Tensor]:
+    """labels [...] -> (row_scale [N], labels [N] clamped into [0, V)).
+
+    row_scale = w_t / denominator for "mean" (0 everywhere when the denominator is 0), else w_t.
+    A label outside [0, V) that is not ignore_index (only reachable on GPU without
+    FUSEDPEFT_CHECKS=1) gets weight 0 and is never read out of bounds.
+    """
+    flat = labels.reshape(-1)
+    w = token_loss_weights(flat, ignore_index=ignore_index, instruction_weight=instruction_weight,
+                           instruction_mask=None if instruction_mask is None else instruction_mask.reshape(-1),
+                           token_weights=None if token_weights is None else token_weights.reshape(-1)).to(dtype)
+    in_range = (flat >= 0) & (flat < vocab)
+    w = torch.where(in_range, w, torch.zeros_like(w))
+    safe_labels = torch.where(in_range, flat, torch.zeros_like(flat)).long()
+    if reduction != "mean":
+        return w, safe_labels
+    if num_items_in_batch is None:
+        denom = w.sum()
+    else:
+        denom = torch.as_tensor(num_items_in_batch, device=w.device).to(dtype).reshape(())
+    inv = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom))
+    return w * inv, safe_labels
+
+
+def cross_entropy(logits: Tensor, labels: Tensor, *, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
+                  backend=None, **weighting) -> Tensor:
+    """logits [..., V], labels [...] -> float32 loss (labels' shape for "none"). Validated inputs."""
+    vocab = logits.shape[-1]
+    scale, safe_labels = row_scale_and_labels(labels, vocab, reduction=reduction, dtype=_acc_dtype(logits.dtype),
+                                              **weighting)
+    name = resolve_backend("cross_entropy", backend, logits.device)
+    loss, _ = cross_entropy_op(logits.reshape(-1, vocab).contiguous(), safe_labels, scale, reduction != "none",
+                               float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), name)
+    return loss.reshape(labels.shape) if reduction == "none" else loss
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, *,
+                         reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
+                         chunk_budget_bytes=DEFAULT_CHUNK_BUDGET_BYTES, backend=None, **weighting) -> Tensor:
+    """hidden [..., H], weight [V, H], bias [V]?, labels [...] -> float32 loss. Validated inputs."""
+    vocab = weight.shape[0]
+    scale, safe_labels = row_scale_and_labels(labels, vocab, reduction=reduction, dtype=_acc_dtype(hidden.dtype),
+                                              **weighting)
+    name = resolve_backend("cross_entropy", backend, hidden.device)
+    grad_on = torch.is_grad_enabled()
+    loss, *_ = linear_cross_entropy_op(
+        hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight, bias, safe_labels, scale, reduction != "none",
+        float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), int(chunk_budget_bytes),
+        grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad, name)
+    return loss.reshape(labels.shape) if reduction == "none" else loss

@@ -1,0 +1,83 @@
+"""The lora op family: ``fusedpeft::lora_linear`` and its backward, behind one schema per backend.
+
+    y = x @ W^T + bias + scaling * dropout(x) @ A^T @ B^T           (SPEC §2, §5)
+
+Saved for backward: x, S = dropout(x) @ A^T [N, r] and the seed; never a dropped copy of x
+nor anything of size N x out_features. Gradients flow to x, A and B, never to W or bias.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fusedpeft.backends import implementation, resolve_backend
+from fusedpeft.ops._common import as_rows, autocast_dtype, empty_result, maybe, no_autocast
+
+
+@torch.library.custom_op("fusedpeft::lora_linear", mutates_args=())
+def lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                   scaling: float, dropout_p: float, seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+    """x [N, K], weight [D, K], bias [D]?, lora_A [r, K], lora_B [D, r] -> (y [N, D], S [N, r])."""
+    with no_autocast(x.device.type):
+        return implementation("lora", backend).lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+@lora_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("fusedpeft::lora_linear_backward", mutates_args=())
+def lora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, S: Tensor,
+                            scaling: float, dropout_p: float, seed: Optional[Tensor], need_x: bool, need_A: bool,
+                            need_B: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """grad_y [N, D] -> (grad_x [N, K], grad_A [r, K], grad_B [D, r]); an unneeded one is empty [0]."""
+    with no_autocast(x.device.type):
+        grads = implementation("lora", backend).lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling,
+                                                               dropout_p, seed, need_x, need_A, need_B)
+    return tuple(g if g is not None else empty_result(x) for g in grads)
+
+
+@lora_linear_backward_op.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, need_x, need_A, need_B, backend):
+    return (torch.empty_like(x) if need_x else empty_result(x),
+            torch.empty_like(lora_A) if need_A else empty_result(x),
+            torch.empty_like(lora_B) if need_B else empty_result(x))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_y, grad_S):
+    x, weight, lora_A, lora_B, S, seed = ctx.saved_tensors
+    need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]
+    grad_x, grad_A, grad_B = lora_linear_backward_op(grad_y, x, weight, lora_A, lora_B, S, ctx.scaling,
+                                                     ctx.dropout_p, seed, need_x, need_A, need_B, ctx.backend)
+    return maybe(grad_x), None, None, maybe(grad_A), maybe(grad_B), None, None, None, None
+
+
+lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                dropout_p: float = 0.0, seed: Tensor | None = None, backend: str | None = None) -> Tensor:
+    """x [..., K] -> [..., D]. Inputs are assumed validated (the layers in fusedpeft.fused do it).
+
+    Under torch.autocast, x, weight and bias are cast to the autocast dtype (as nn.Linear would
+    be); lora_A / lora_B stay in their own dtype and are cast tile-wise inside the backend.
+    seed: 0-dim int64 CPU tensor, required when dropout_p > 0.
+    """
+    cast = autocast_dtype(x.device.type)
+    if cast is not None:
+        x, weight = x.to(cast), weight.to(cast)
+        bias = bias.to(cast) if bias is not None else None
+    name = resolve_backend("lora", backend, x.device)
+    y, _ = lora_linear_op(as_rows(x), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, name)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,84 @@
+"""The mora op family: ``fusedpeft::mora_linear`` and its backward (SPEC §3, §5).
+
+    y = x @ W^T + bias + decompress(compress(dropout(x)) @ M^T)
+
+Saved for backward: x, M and the seed. Gradients flow to x and M, never to W or bias.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fusedpeft.backends import implementation, resolve_backend
+from fusedpeft.ops._common import as_rows, autocast_dtype, empty_result, maybe, no_autocast
+from fusedpeft.torch_backend.mora import delta_weight
+from fusedpeft.torch_backend.mora_maps import MoraGeometry
+
+
+@torch.library.custom_op("fusedpeft::mora_linear", mutates_args=())
+def mora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: Tensor, mora_type: int, dropout_p: float,
+                   seed: Optional[Tensor], backend: str) -> Tensor:
+    """x [N, K], weight [D, K], bias [D]?, M [R, R] -> y [N, D] in x's dtype."""
+    with no_autocast(x.device.type):
+        return implementation("mora", backend).mora_forward(x, weight, bias, M, mora_type, dropout_p, seed)
+
+
+@mora_linear_op.register_fake
+def _(x, weight, bias, M, mora_type, dropout_p, seed, backend):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("fusedpeft::mora_linear_backward", mutates_args=())
+def mora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, M: Tensor, mora_type: int, dropout_p: float,
+                            seed: Optional[Tensor], need_x: bool, need_M: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """grad_y [N, D] -> (grad_x [N, K], grad_M [R, R]); an unneeded one is empty [0]."""
+    with no_autocast(x.device.type):
+        grad_x, grad_M = implementation("mora", backend).mora_backward(grad_y, x, weight, M, mora_type, dropout_p,
+                                                                       seed, need_x, need_M)
+    return (grad_x if grad_x is not None else empty_result(x), grad_M if grad_M is not None else empty_result(x))
+
+
+@mora_linear_backward_op.register_fake
+def _(grad_y, x, weight, M, mora_type, dropout_p, seed, need_x, need_M, backend):
+    return (torch.empty_like(x) if need_x else empty_result(x), torch.empty_like(M) if need_M else empty_result(x))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, M, mora_type, dropout_p, seed, backend = inputs
+    ctx.save_for_backward(x, weight, M, seed)
+    ctx.mora_type, ctx.dropout_p, ctx.backend = mora_type, dropout_p, backend
+
+
+def _backward(ctx, grad_y):
+    x, weight, M, seed = ctx.saved_tensors
+    need_x, _, _, need_M = ctx.needs_input_grad[:4]
+    grad_x, grad_M = mora_linear_backward_op(grad_y, x, weight, M, ctx.mora_type, ctx.dropout_p, seed, need_x, need_M,
+                                             ctx.backend)
+    return maybe(grad_x), None, None, maybe(grad_M), None, None, None, None
+
+
+mora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, M: Tensor, mora_type: int, dropout_p: float = 0.0,
+                seed: Tensor | None = None, backend: str | None = None) -> Tensor:
+    """x [..., K] -> [..., D]. Inputs are assumed validated (fusedpeft.fused.MoRALinear does it).
+
+    Under torch.autocast, x, weight and bias are cast to the autocast dtype; M keeps its dtype.
+    seed: 0-dim int64 CPU tensor, required when dropout_p > 0.
+    """
+    cast = autocast_dtype(x.device.type)
+    if cast is not None:
+        x, weight = x.to(cast), weight.to(cast)
+        bias = bias.to(cast) if bias is not None else None
+    name = resolve_backend("mora", backend, x.device)
+    y = mora_linear_op(as_rows(x), weight, bias, M, int(mora_type), float(dropout_p), seed, name)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def mora_delta_weight(M: Tensor, in_features: int, out_features: int, mora_type: int) -> Tensor:
+    """ΔW [out_features, in_features] (fp32 for a 16-bit M) built from M in O(out x in)."""
+    return delta_weight(M, MoraGeometry(in_features, out_features, M.shape[0], mora_type))

@@ -1,0 +1,196 @@
+"""Masked / weighted cross-entropy (SPEC §4) on the PyTorch path, chunked and in place.
+
+Per row t: w_t already folded with the reduction's normaliser into ``row_scale[t]`` by the op
+layer, so every function here computes sum_t row_scale[t] * l_t (or the per-row products).
+Rows with row_scale == 0 are skipped: no softmax work, and in linear_cross_entropy no matmul.
+
+- cross_entropy_forward: logits chunk -> fp32 copy -> softcap, logsumexp, loss; saves lse only
+  (F.cross_entropy keeps a full rows x V log-softmax for backward).
+- cross_entropy_backward: the gradient is recomputed chunk by chunk from logits and lse.
+- linear_cross_entropy_pass: hidden rows in chunks whose logits fit ``chunk_budget_bytes``; each
+  chunk's logits are turned into dlogits in place and immediately contracted into grad_hidden,
+  grad_weight and grad_bias, so rows x V never exists.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOGITS_CHUNK_ELEMENTS = 1 << 22  # fp32 temporaries of cross_entropy_* stay <= 16 MiB
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def active_rows(scale: torch.Tensor) -> torch.Tensor:
+    """Indices [n_active] of the rows with a non-zero scale (a host sync on GPU tensors)."""
+    return scale.nonzero().squeeze(1)
+
+
+def _chunks(n: int, rows_per_chunk: int):
+    for start in range(0, n, max(1, rows_per_chunk)):
+        yield slice(start, min(start + max(1, rows_per_chunk), n))
+
+
+def apply_softcap_(z: torch.Tensor, softcap: float | None, keep_tanh: bool) -> torch.Tensor | None:
+    """z [n, V] <- softcap * tanh(z / softcap) in place; returns tanh(z / softcap) when asked."""
+    if softcap is None:
+        return None
+    if not keep_tanh:
+        z.div_(softcap).tanh_().mul_(softcap)
+        return None
+    tanh = torch.div(z, softcap).tanh_()
+    torch.mul(tanh, softcap, out=z)
+    return tanh
+
+
+def loss_and_probs_(z, labels, label_smoothing: float, z_loss: float):
+    """z [n, V] (capped logits) <- softmax(z) in place. Returns (l_t [n], lse [n])."""
+    z_target = z.gather(1, labels.unsqueeze(1)).squeeze(1)
+    z_mean = z.mean(1) if label_smoothing else None
+    z_max = z.amax(1)
+    z.sub_(z_max.unsqueeze(1)).exp_()
+    sum_exp = z.sum(1)
+    lse = z_max + sum_exp.log()
+    z.div_(sum_exp.unsqueeze(1))
+    loss = (1.0 - label_smoothing) * (lse - z_target) + z_loss * lse * lse
+    if label_smoothing:
+        loss = loss + label_smoothing * (lse - z_mean)
+    return loss, lse
+
+
+def probs_to_grad_(p, labels, scale, lse, label_smoothing: float, z_loss: float, tanh, softcap):
+    """p [n, V] (softmax) <- d(scale_t * l_t)/d(raw logits) in place.
+
+    dl/dz_j = p_j (1 + 2 z_loss lse) - (1 - eps) [j == y] - eps / V, then the softcap chain rule
+    (1 - tanh^2). The target column is recomputed from p in the accumulation dtype.
+    """
+    p.mul_((scale * (1.0 + 2.0 * z_loss * lse)).unsqueeze(1))
+    if label_smoothing:
+        p.sub_((scale * (label_smoothing / p.shape[1])).unsqueeze(1))
+    rows = torch.arange(p.shape[0], device=p.device)
+    p[rows, labels] -= scale * (1.0 - label_smoothing)
+    if tanh is not None:
+        p.mul_(tanh.mul_(tanh).neg_().add_(1.0))
+
+
+def cross_entropy_forward(logits, labels, row_scale, reduce: bool, label_smoothing: float, z_loss: float,
+                          softcap: float | None):
+    """logits [N, V], labels [N], row_scale [N] -> (loss: 0-dim if reduce else [N], lse [N]).
+
+    Both outputs are float32 (float64 for float64 logits); lse is 0 on skipped rows.
+    """
+    acc = accumulation_dtype(logits.dtype)
+    n_rows, vocab = logits.shape
+    loss_rows = torch.zeros(n_rows, dtype=acc, device=logits.device)
+    lse = torch.zeros(n_rows, dtype=acc, device=logits.device)
+    active = active_rows(row_scale)
+    for part in _chunks(active.numel(), LOGITS_CHUNK_ELEMENTS // max(1, vocab)):
+        idx = active[part]
+        z = logits.index_select(0, idx).to(acc)
+        apply_softcap_(z, softcap, keep_tanh=False)
+        rows_loss, rows_lse = loss_and_probs_(z, labels.index_select(0, idx), label_smoothing, z_loss)
+        loss_rows.index_copy_(0, idx, rows_loss)
+        lse.index_copy_(0, idx, rows_lse)
+    weighted = loss_rows * row_scale.to(acc)
+    return (weighted.sum() if reduce else weighted), lse
+
+
+def cross_entropy_backward(grad_loss, logits, labels, row_scale, lse, label_smoothing: float, z_loss: float,
+                           softcap: float | None):
+    """grad_loss (0-dim or [N]) -> grad_logits [N, V] in logits' dtype; skipped rows are 0."""
+    acc = accumulation_dtype(logits.dtype)
+    scale = row_scale.to(acc) * grad_loss.to(acc)
+    active = active_rows(scale)
+    grad = torch.zeros_like(logits) if active.numel() < logits.shape[0] else torch.empty_like(logits)
+    for part in _chunks(active.numel(), LOGITS_CHUNK_ELEMENTS // max(1, logits.shape[1])):
+        idx = active[part]
+        z = logits.index_select(0, idx).to(acc)
+        tanh = apply_softcap_(z, softcap, keep_tanh=True)
+        rows_lse = lse.index_select(0, idx)
+        z.sub_(rows_lse.unsqueeze(1)).exp_()
+        probs_to_grad_(z, labels.index_select(0, idx), scale.index_select(0, idx), rows_lse, label_smoothing,
+                       z_loss, tanh, softcap)
+        grad.index_copy_(0, idx, z.to(logits.dtype))
+    return grad
+
+
+def rows_per_chunk(vocab: int, hidden_dtype: torch.dtype, chunk_budget_bytes: int, softcap, with_grad: bool) -> int:
+    """Rows whose chunk temporaries (logits in the input dtype, fp32 copy, tanh) fit the budget."""
+    acc_size = torch.empty((), dtype=accumulation_dtype(hidden_dtype)).element_size()
+    in_size = torch.empty((), dtype=hidden_dtype).element_size()
+    per_element = acc_size * (2 if (softcap is not None and with_grad) else 1)
+    if in_size != acc_size:
+        per_element += in_size * (2 if with_grad else 1)  # logits before upcast; dlogits before the GEMMs
+    return max(1, chunk_budget_bytes // (vocab * per_element))
+
+
+def linear_cross_entropy_pass(hidden, weight, bias, labels, scale, label_smoothing: float, z_loss: float,
+                              softcap: float | None, chunk_budget_bytes: int, need_hidden: bool, need_weight: bool,
+                              need_bias: bool):
+    """One chunked pass over the rows with scale != 0.
+
+    hidden [N, H], weight [V, H], bias [V] | None, labels [N], scale [N] (row_scale, times the
+    incoming gradient in backward). Returns (l_t [N] unscaled, grad_hidden [N, H] | None,
+    grad_weight [V, H] | None, grad_bias [V] | None); grads are d(sum_t scale_t l_t).
+    """
+    acc = accumulation_dtype(hidden.dtype)
+    with_grad = need_hidden or need_weight or need_bias
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    loss_rows = torch.zeros(n_rows, dtype=acc, device=hidden.device)
+    grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+    grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
+    active = active_rows(scale)
+    step = rows_per_chunk(vocab, hidden.dtype, chunk_budget_bytes, softcap, with_grad)
+    for part in _chunks(active.numel(), step):
+        idx = active[part]
+        h = hidden.index_select(0, idx)
+        rows_labels = labels.index_select(0, idx)
+        logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
+        z = logits.to(acc)
+        del logits
+        tanh = apply_softcap_(z, softcap, keep_tanh=with_grad)
+        rows_loss, lse = loss_and_probs_(z, rows_labels, label_smoothing, z_loss)
+        loss_rows.index_copy_(0, idx, rows_loss)
+        if not with_grad:
+            continue
+        probs_to_grad_(z, rows_labels, scale.index_select(0, idx).to(acc), lse, label_smoothing, z_loss, tanh,
+                       softcap)
+        del tanh
+        if need_bias:
+            grad_bias += z.sum(0)
+        if need_weight:
+            grad_weight.addmm_(z.t(), h.to(acc))
+        if need_hidden:
+            grad_hidden.index_copy_(0, idx, z.to(hidden.dtype) @ weight)
+    return (loss_rows, grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype))
+
+
+def linear_cross_entropy_forward(hidden, weight, bias, labels, row_scale, reduce: bool, label_smoothing: float,
+                                 z_loss: float, softcap: float | None, chunk_budget_bytes: int, need_hidden: bool,
+                                 need_weight: bool, need_bias: bool):
+    """-> (loss: 0-dim if reduce else [N], grad_hidden | None, grad_weight | None, grad_bias | None).
+
+    With reduce, the incoming gradient is one scalar, so the gradients are computed here, in the
+    same pass as the loss, and only scaled in backward. Without reduce they are left to backward.
+    """
+    precompute = reduce and (need_hidden or need_weight or need_bias)
+    loss_rows, *grads = linear_cross_entropy_pass(
+        hidden, weight, bias, labels, row_scale, label_smoothing, z_loss, softcap, chunk_budget_bytes,
+        need_hidden and precompute, need_weight and precompute, need_bias and precompute)
+    weighted = loss_rows * row_scale.to(loss_rows.dtype)
+    return (weighted.sum() if reduce else weighted), *grads
+
+
+def linear_cross_entropy_backward(grad_loss, hidden, weight, bias, labels, row_scale, label_smoothing: float,
+                                  z_loss: float, softcap: float | None, chunk_budget_bytes: int, need_hidden: bool,
+                                  need_weight: bool, need_bias: bool):
+    """grad_loss [N] (reduction "none") -> (grad_hidden | None, grad_weight | None, grad_bias | None)."""
+    scale = row_scale.to(accumulation_dtype(hidden.dtype)) * grad_loss
+    _, *grads = linear_cross_entropy_pass(hidden, weight, bias, labels, scale, label_smoothing, z_loss, softcap,
+                                          chunk_budget_bytes, need_hidden, need_weight, need_bias)
+    return grads

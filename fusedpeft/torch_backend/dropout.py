@@ -1,0 +1,37 @@
+"""SPEC §5 dropout for the PyTorch path: the mask regenerated block by block from the seed.
+
+Nothing of size x is ever stored: callers walk the rows of x[M, K] in blocks and get, per block,
+the multiplier keep / (1 - p) in x's dtype. Regenerating the Philox stream in plain PyTorch costs
+about 60 int64 tensor operations per element; the C++ and Triton backends do it in registers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from fusedpeft.reference import dropout_keep_mask
+
+BLOCK_ELEMENTS = 1 << 17  # elements of x per block: the int64 temporaries stay ~1 MiB each
+
+
+def row_blocks(n_rows: int, n_cols: int, block_elements: int = BLOCK_ELEMENTS) -> Iterator[slice]:
+    """Slices of rows whose blocks hold about ``block_elements`` elements."""
+    step = max(1, block_elements // max(1, n_cols))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(start + step, n_rows))
+
+
+def dropout_multiplier(seed: torch.Tensor, p: float, rows: slice, n_cols: int, dtype, device) -> torch.Tensor:
+    """keep(m, j) / (1 - p) for the rows ``rows`` of an [M, n_cols] input -> [len(rows), n_cols]."""
+    keep = dropout_keep_mask(int(seed), rows.stop - rows.start, n_cols, p, row_start=rows.start)
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=dtype)
+    return (keep.to(dtype) * scale).to(device)
+
+
+def dropped_blocks(x: torch.Tensor, p: float, seed: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """For x [M, K]: yields (rows, multiplier [b, K], dropout(x)[rows] [b, K]) block by block."""
+    for rows in row_blocks(x.shape[0], x.shape[1]):
+        multiplier = dropout_multiplier(seed, p, rows, x.shape[1], x.dtype, x.device)
+        yield rows, multiplier, x[rows] * multiplier

@@ -1,0 +1,65 @@
+"""LoRA on the PyTorch path: base GEMM plus rank-r update accumulated in place (addmm_).
+
+Forward:  y = x @ W^T + bias;  S = dropout(x) @ A^T  [N, r];  y += scaling * S @ B^T (in place).
+Backward: dS = scaling * dY @ B;  dB = scaling * dY^T @ S;  dA = dS^T @ dropout(x);
+          dX = dY @ W + dropout'(dS @ A) (accumulated in place).
+Saved between them: x, S and the seed. The dropout mask is regenerated block by block, so no
+dropped copy of x and no full-size temporary exists. x is never upcast: A and B (fp32 when the
+base is 16-bit) are cast to x's dtype, and the matmuls accumulate in fp32 internally.
+FLOPs beyond the base layer: forward 2 N r (K + D), backward 2 N r (2 D + 2 K).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fusedpeft.torch_backend.dropout import dropped_blocks
+
+
+def lora_forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
+    """x [N, K], weight [D, K], bias [D] | None, lora_A [r, K], lora_B [D, r] -> (y [N, D], S [N, r]).
+
+    y and S have x's dtype; seed is a 0-dim int64 tensor (needed when dropout_p > 0).
+    """
+    A = lora_A.to(x.dtype)
+    y = F.linear(x, weight, bias)
+    if dropout_p > 0.0:
+        S = x.new_empty(x.shape[0], A.shape[0])
+        for rows, _, x_dropped in dropped_blocks(x, dropout_p, seed):
+            torch.mm(x_dropped, A.t(), out=S[rows])
+    else:
+        S = x @ A.t()
+    y.addmm_(S, lora_B.to(x.dtype).t(), alpha=scaling)
+    return y, S
+
+
+def lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling: float, dropout_p: float, seed,
+                  need_x: bool, need_A: bool, need_B: bool):
+    """grad_y [N, D] -> (grad_x [N, K] | None, grad_A [r, K] | None, grad_B [D, r] | None).
+
+    grad_A / grad_B come back in the adapters' dtypes, grad_x in x's dtype.
+    """
+    grad_y = grad_y.to(x.dtype)
+    A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    grad_S = torch.mm(grad_y, B).mul_(scaling) if (need_x or need_A) else None
+    grad_B = torch.mm(grad_y.t(), S).mul_(scaling).to(lora_B.dtype) if need_B else None
+    grad_x = grad_y @ weight.to(x.dtype) if need_x else None
+    grad_A = None
+    if dropout_p > 0.0:
+        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        grad_A_acc = torch.zeros(A.shape, dtype=acc_dtype, device=x.device) if need_A else None
+        if need_x or need_A:
+            for rows, multiplier, x_dropped in dropped_blocks(x, dropout_p, seed):
+                if need_A:
+                    grad_A_acc += (grad_S[rows].t() @ x_dropped).to(acc_dtype)
+                if need_x:
+                    grad_x[rows].addcmul_(grad_S[rows] @ A, multiplier)
+        if need_A:
+            grad_A = grad_A_acc.to(lora_A.dtype)
+    else:
+        if need_A:
+            grad_A = (grad_S.t() @ x).to(lora_A.dtype)
+        if need_x:
+            grad_x.addmm_(grad_S, A)
+    return grad_x, grad_A, grad_B

@@ -1,0 +1,148 @@
+"""MoRA on the PyTorch path, two strategies chosen per call.
+
+- "merged" (dropout off, fp32/fp64, at least MERGED_MIN_ROWS rows): y = x @ (W + ΔW)^T and
+  dX = dY @ (W + ΔW): ΔW [D, K] is built from M in O(D K) (types 1-4: an index gather; type 6:
+  the blocks M·R_i), so the forward and dX cost exactly the base GEMMs — no reshaped square
+  matmul. Only dM needs its own reduction. In 16-bit dtypes W + ΔW would round ΔW away, so this
+  strategy is fp32/fp64 only.
+- "explicit" (dropout on, 16-bit, or few rows): compress x to [N, R], z @ M^T, decompress-add into
+  the base output in place (types 1-4: 2 N R^2 extra FLOPs); type 6 runs each chunk through its
+  block, x_i @ (M·R_i)^T, added into the output's columns in place (2 N R min(K + pad, D) FLOPs).
+dM: types 1-4: decompress^T(dY)^T @ compress(x); type 6: sum_i rot_i(dY_i^T @ x_i) — the rotation
+is applied to the R x R product, never to x. Saved for backward: x, M and the seed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fusedpeft.torch_backend.dropout import dropped_blocks
+from fusedpeft.torch_backend.mora_maps import (
+    MoraGeometry,
+    chunk_input,
+    chunk_input_add_,
+    chunk_output_grad,
+    chunk_targets,
+    compress,
+    compress_transpose_add_,
+    decompress_add_,
+    decompress_transpose,
+    rope_blocks,
+    rotate_rows,
+    shared_delta_weight,
+    used_chunks,
+)
+
+MERGED_MIN_ROWS = 64
+
+
+def geometry(weight: torch.Tensor, M: torch.Tensor, mora_type: int) -> MoraGeometry:
+    return MoraGeometry(weight.shape[1], weight.shape[0], M.shape[0], mora_type)
+
+
+def delta_weight(M: torch.Tensor, g: MoraGeometry) -> torch.Tensor:
+    """ΔW [D, K] (fp32 when M is 16-bit, else M's dtype) with x @ ΔW^T == the MoRA branch."""
+    if g.mora_type != 6:
+        return shared_delta_weight(M.float() if M.element_size() < 4 else M, g)
+    blocks = rope_blocks(M, g)
+    delta = blocks.new_zeros(g.out_features, g.in_features)
+    for i in used_chunks(g):
+        for start, stop in chunk_targets(i, g):
+            chunk_input_add_(delta[start:stop], blocks[i, : stop - start], i, g)
+    return delta
+
+
+def choose_strategy(x: torch.Tensor, dropout_p: float) -> str:
+    merged_ok = dropout_p == 0.0 and x.dtype in (torch.float32, torch.float64)
+    return "merged" if merged_ok and x.shape[0] >= MERGED_MIN_ROWS else "explicit"
+
+
+def _adapter_add_(y: torch.Tensor, x: torch.Tensor, M_x: torch.Tensor, g: MoraGeometry) -> None:
+    """y [N, D] += MoRA branch of x [N, K]; M_x is M (types 1-4) or the blocks [n, R, R], in x's dtype."""
+    if g.mora_type != 6:
+        decompress_add_(y, compress(x, g) @ M_x.t(), g)
+        return
+    for i in used_chunks(g):
+        x_i = chunk_input(x, i, g)
+        targets = chunk_targets(i, g)
+        if len(targets) == 1 and targets[0][1] - targets[0][0] == g.r_hat:
+            y[:, targets[0][0] : targets[0][1]].addmm_(x_i, M_x[i].t())
+            continue
+        y_i = x_i @ M_x[i].t()
+        for start, stop in targets:
+            y[:, start:stop] += y_i[:, : stop - start]
+
+
+def _adapter_input_grad_add_(out: torch.Tensor, grad_y: torch.Tensor, M_x: torch.Tensor, g: MoraGeometry) -> None:
+    """out [N, K] += gradient of the MoRA branch wrt its input, from grad_y [N, D]."""
+    if g.mora_type != 6:
+        compress_transpose_add_(out, decompress_transpose(grad_y, g) @ M_x, g)
+        return
+    for i in used_chunks(g):
+        chunk_input_add_(out, chunk_output_grad(grad_y, i, g) @ M_x[i], i, g)
+
+
+def _adapter_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, g: MoraGeometry) -> torch.Tensor:
+    """dM [R, R] in fp32 (fp64 for fp64 inputs) from the branch input x [N, K] and grad_y [N, D]."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if g.mora_type != 6:
+        return (decompress_transpose(grad_y, g).t() @ compress(x, g)).to(acc)
+    grad_M = torch.zeros(g.r_hat, g.r_hat, dtype=acc, device=x.device)
+    for i in used_chunks(g):
+        product = chunk_output_grad(grad_y, i, g).t() @ chunk_input(x, i, g)
+        grad_M += rotate_rows(product.to(acc), i, g)
+    return grad_M
+
+
+def _m_in(x_dtype: torch.dtype, M: torch.Tensor, g: MoraGeometry) -> torch.Tensor:
+    return (rope_blocks(M, g) if g.mora_type == 6 else M).to(x_dtype)
+
+
+def mora_forward(x, weight, bias, M, mora_type: int, dropout_p: float, seed, strategy: str | None = None):
+    """x [N, K], weight [D, K], bias [D] | None, M [R, R] -> y [N, D] in x's dtype."""
+    g = geometry(weight, M, mora_type)
+    strategy = strategy or choose_strategy(x, dropout_p)
+    if strategy == "merged":
+        return F.linear(x, weight + delta_weight(M, g).to(weight.dtype), bias)
+    y = F.linear(x, weight, bias)
+    M_x = _m_in(x.dtype, M, g)
+    if dropout_p > 0.0:
+        for rows, _, x_dropped in dropped_blocks(x, dropout_p, seed):
+            _adapter_add_(y[rows], x_dropped, M_x, g)
+    else:
+        _adapter_add_(y, x, M_x, g)
+    return y
+
+
+def mora_backward(grad_y, x, weight, M, mora_type: int, dropout_p: float, seed, need_x: bool, need_M: bool,
+                  strategy: str | None = None):
+    """grad_y [N, D] -> (grad_x [N, K] | None, grad_M [R, R] | None)."""
+    g = geometry(weight, M, mora_type)
+    grad_y = grad_y.to(x.dtype).contiguous()
+    strategy = strategy or choose_strategy(x, dropout_p)
+    grad_M = None
+    if strategy == "merged":
+        grad_x = grad_y @ (weight + delta_weight(M, g).to(weight.dtype)) if need_x else None
+        if need_M:
+            grad_M = _adapter_weight_grad(x, grad_y, g).to(M.dtype)
+        return grad_x, grad_M
+    grad_x = grad_y @ weight if need_x else None
+    M_x = _m_in(x.dtype, M, g)
+    if dropout_p > 0.0:
+        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = torch.zeros(M.shape, dtype=acc_dtype, device=x.device) if need_M else None
+        for rows, multiplier, x_dropped in dropped_blocks(x, dropout_p, seed):
+            if need_M:
+                acc += _adapter_weight_grad(x_dropped, grad_y[rows], g)
+            if need_x:
+                branch = torch.zeros_like(x_dropped)
+                _adapter_input_grad_add_(branch, grad_y[rows], M_x, g)
+                grad_x[rows].addcmul_(branch, multiplier)
+        grad_M = acc.to(M.dtype) if need_M else None
+    else:
+        if need_M:
+            grad_M = _adapter_weight_grad(x, grad_y, g).to(M.dtype)
+        if need_x:
+            _adapter_input_grad_add_(grad_x, grad_y, M_x, g)
+    return grad_x, grad_M
