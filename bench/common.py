@@ -36,6 +36,7 @@ class Settings:
     quick: bool = False
     cpu_budget_s: float = 0.6
     cpu_min_reps: int = 3
+    cpu_min_reps_slow: int = 2     # for steps slower than a second
     cpu_max_reps: int = 50
     cuda_warmup_ms: float = 10.0
     cuda_rep_ms: float = 40.0
@@ -43,7 +44,7 @@ class Settings:
     @classmethod
     def make(cls, device: torch.device, dtype: torch.dtype, quick: bool) -> "Settings":
         if quick:
-            return cls(device, dtype, True, cpu_budget_s=0.15, cpu_min_reps=1, cpu_max_reps=10,
+            return cls(device, dtype, True, cpu_budget_s=0.15, cpu_min_reps=2, cpu_min_reps_slow=1, cpu_max_reps=10,
                        cuda_warmup_ms=2.0, cuda_rep_ms=8.0)
         return cls(device, dtype, False)
 
@@ -129,20 +130,23 @@ def _sync(device: torch.device) -> None:
 
 
 def cpu_median_ms(fn: Callable[[], None], settings: Settings) -> tuple[float, int]:
-    """Median wall-clock ms of fn() after a warm-up; returns (median ms, number of timed runs)."""
+    """Median wall-clock ms of fn(); returns (median ms, number of timed runs).
+
+    The caller has already warmed fn up (measure_provider's first step). The first run here is
+    timed and sets the number of runs: about cpu_budget_s in total, at least cpu_min_reps
+    (cpu_min_reps_slow for steps over a second), at most cpu_max_reps.
+    """
+    times = []
     start = time.perf_counter()
     fn()
-    first = time.perf_counter() - start
-    warm_until = time.perf_counter() + min(0.5, settings.cpu_budget_s / 3)
-    while time.perf_counter() < warm_until:
-        fn()
-    reps = int(min(settings.cpu_max_reps, max(settings.cpu_min_reps, settings.cpu_budget_s / max(first, 1e-6))))
-    times = []
-    for _ in range(reps):
+    times.append(time.perf_counter() - start)
+    min_reps = settings.cpu_min_reps_slow if times[0] > 1.0 else settings.cpu_min_reps
+    reps = int(min(settings.cpu_max_reps, max(min_reps, settings.cpu_budget_s / max(times[0], 1e-6))))
+    for _ in range(reps - 1):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3, reps
+    return statistics.median(times) * 1e3, len(times)
 
 
 def cuda_median_ms(fn: Callable[[], None], settings: Settings) -> tuple[float, int]:
@@ -187,13 +191,15 @@ def measure_provider(case: Case, provider: Provider, settings: Settings, expecte
     step = provider.make()
     try:
         start = time.perf_counter()
-        step.run_forward_backward()  # warm-up: lazy set-up, compilation, autotuning
+        step.clear_grads()
+        with torch.enable_grad():  # warm-up (lazy set-up, compilation, autotuning) and output check
+            out = step.forward()
+            error = _relative_error(out, expected) if expected is not None and provider.check else None
+            out.backward(step.grad_out)
+            del out
         _sync(settings.device)
         first_s = time.perf_counter() - start
-        error = None
-        if expected is not None and provider.check:
-            with torch.enable_grad():
-                error = _relative_error(step.forward(), expected)
+        step.clear_grads()  # gradients of the warm-up would otherwise be freed inside the measured step
         peak = peak_extra_bytes(step.run_forward_backward, settings.device)
         fwd_ms, fwd_reps = median_ms(step.run_forward, settings)
         fwd_bwd_ms, fwd_bwd_reps = median_ms(step.run_forward_backward, settings)
@@ -256,19 +262,19 @@ def format_case(result: dict) -> str:
     lines = [f"\n== {result['suite']} / {result['case']}   (floor: {result['floor']})",
              f"   work: {result['formula']}"]
     lines += [f"   note: {note}" for note in result["notes"]]
-    header = (f"   {'impl':<28}{'fwd ms':>10}{'x floor':>9}{'fwd+bwd ms':>12}{'x floor':>9}"
+    header = (f"   {'impl':<34}{'fwd ms':>10}{'x floor':>9}{'fwd+bwd ms':>12}{'x floor':>9}"
               f"{'peak MiB':>11}{'x floor':>9}{'TFLOP/s':>9}{'GB/s':>8}{'rel err':>10}")
     lines += [header, "   " + "-" * (len(header) - 3)]
     for row in rows:
         if "skipped" in row:
-            lines.append(f"   {row['impl']:<28}skipped: {row['skipped']}")
+            lines.append(f"   {row['impl']:<34}skipped: {row['skipped']}")
             continue
         err = row["rel_err_vs_reference"]
         lines.append(
-            f"   {row['impl']:<28}{row['fwd_ms']:>10.3f}{_ratio(row['fwd_ms'], floor.get('fwd_ms')):>9}"
+            f"   {row['impl']:<34}{row['fwd_ms']:>10.3f}{_ratio(row['fwd_ms'], floor.get('fwd_ms')):>9}"
             f"{row['fwd_bwd_ms']:>12.3f}{_ratio(row['fwd_bwd_ms'], floor.get('fwd_bwd_ms')):>9}"
             f"{row['peak_extra_bytes'] / MIB:>11.1f}{_ratio(row['peak_extra_bytes'], floor.get('peak_extra_bytes')):>9}"
-            f"{row['tflops_fwd_bwd']:>9.2f}{row['gbps_fwd_bwd']:>8.0f}{'-' if err is None else f'{err:.1e}':>10}")
+            f"{row['tflops_fwd_bwd']:>9.3g}{row['gbps_fwd_bwd']:>8.3g}{'-' if err is None else f'{err:.1e}':>10}")
     return "\n".join(lines)
 
 
@@ -289,6 +295,8 @@ def fusedpeft_backends(family: str, device: torch.device) -> list[tuple[str, str
     for name, reason in backends.items():
         if reason is None and unavailable_reason is not None:
             reason = unavailable_reason(name, family, device)
+        if reason is None and name == "triton" and device.type == "cpu":
+            reason = "Triton on CPU tensors only runs under TRITON_INTERPRET=1, far too slow to benchmark"
         out.append((name, reason))
     return out
 

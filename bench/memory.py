@@ -30,7 +30,7 @@ import torch
 
 # Lines kineto prints on stderr when a profile starts or stops (noise, not errors of the step).
 _PROFILER_NOISE = re.compile(r"(USDT:|SyncActivityProfilerHandler|gpuGetDeviceCount|ActivityProfilerController|"
-                             r"CuptiActivityProfiler|^\s*$|profiler_st)")
+                             r"CuptiActivityProfiler|^\s*$|profiler_st|allocated before the profiling started)")
 
 
 @contextlib.contextmanager

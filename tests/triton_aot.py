@@ -14,16 +14,24 @@ How it works
   runtime argument name to a Triton type string ("*fp16", "*bf16", "*fp32", "i32", "i64", "fp32",
   ...); constexpr arguments are "constexpr" in the signature and get their value from
   ``constexprs`` (keyed by argument name). ``compile_for`` fills in the "constexpr" entries, so the
-  caller lists runtime arguments only. Pointer arguments are marked 16-byte aligned by default,
-  as Triton's launcher specialises them for PyTorch tensors.
-- Registers and spill bytes come from ``ptxas -v`` on the PTX, shared memory from the compiled
-  metadata (``metadata.shared``, the dynamic shared memory the launch requests).
-- ``TRITON_INTERPRET=1`` (tests/conftest.py sets it on CPU machines) changes two things:
+  caller lists runtime arguments only.
+- Divisibility: Triton's launcher marks 16-byte aligned pointers and integer arguments that are
+  multiples of 16 as such, and that decides the code (a 128x128x64 bf16 GEMM tile is only
+  software-pipelined when its strides are known multiples of 16). ``aligned`` names the arguments
+  to mark; by default the pointers only, so list the strides / sizes that are multiples of 16 in
+  the real launches.
+- Registers and spill bytes come from ``ptxas -v`` (Triton's bundled ptxas-blackwell) on the PTX,
+  shared memory from the compiled metadata (``metadata.shared``, the dynamic shared memory the
+  launch requests).
+- ``TRITON_INTERPRET=1`` (tests/conftest.py sets it on CPU machines) gets in the way three times:
   ``@triton.jit`` returns an ``InterpretedFunction`` instead of a ``JITFunction`` (no
-  ``cache_key``, so ``triton.compile`` fails), and constexpr functions return plain values while
-  the interpreter flag is on. ``compile_for`` therefore rebuilds a ``JITFunction`` for the kernel
-  and for every interpreted ``@triton.jit`` helper it can reach (module globals, closures, and
-  attributes of imported modules), and switches the interpreter flag off while compiling.
+  ``cache_key``: ``triton.compile`` fails), triton.language's own @jit functions (tl.rand,
+  tl.max, ...) are interpreted too, and constexpr functions return plain values while the flag is
+  on. ``compile_for`` rebuilds a ``JITFunction`` for the kernel and every interpreted ``@triton.jit``
+  function it can reach (globals, closures, attributes of imported modules, triton.language
+  included) and switches the flag off while compiling. Interpreted launches also leave patched
+  builtins behind in triton.language.core (see ``_interpreter_patches_undone``); those are
+  swapped out while compiling.
 - Nothing is cached across processes: Triton's compile cache is pointed at a temporary directory
   that lives as long as this process, and ptxas runs afresh on every call.
 """
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import inspect
 import os
@@ -76,8 +85,8 @@ class AotReport:
     spill_load_bytes: int
     stack_frame_bytes: int
     shared_memory_bytes: int  # dynamic (metadata.shared) plus any static smem ptxas reports
-    uses_wgmma: bool  # Hopper warpgroup MMA (wgmma.mma_async)
-    uses_mma: bool  # warp-level tensor-core MMA (mma.sync), the Ampere path
+    uses_wgmma: bool  # Hopper warpgroup MMA (wgmma.mma_async) in the PTX
+    uses_mma: bool  # warp-level tensor-core MMA (mma.sync) in the PTX, the Ampere path
     ptx: str = dataclasses.field(repr=False)
     ptxas_log: str = dataclasses.field(repr=False)
 
@@ -136,8 +145,10 @@ def compile_for(
     ``@triton.autotune`` / ``@triton.heuristics``: the innermost function is compiled).
     signature: runtime argument name -> Triton type ("*fp16", "*bf16", "*fp32", "*i8", "i32", "i64",
     "fp32", ...). Constexpr arguments may be left out. constexprs: constexpr argument name -> value.
-    aligned: names of arguments to mark as divisible by 16 (Triton's launcher does this for 16-byte
-    aligned pointers and integers that are multiples of 16); None marks every pointer argument.
+    aligned: names of arguments to mark as divisible by 16, as Triton's launcher does for 16-byte
+    aligned pointers and integers that are multiples of 16; None marks every pointer argument.
+    Mark the strides and sizes that are multiples of 16 in real launches: it can decide whether a
+    loop is pipelined (see test_triton_aot.test_divisible_strides_let_the_loop_pipeline).
     options: further compile options (e.g. maxnreg=128, enable_fp_fusion=False).
     """
     if arch not in SHARED_MEMORY_LIMIT:
@@ -165,7 +176,7 @@ def compile_for(
         spill_load_bytes=usage["spill_loads"],
         stack_frame_bytes=usage["stack_frame"],
         shared_memory_bytes=compiled.metadata.shared + usage["static_smem"],
-        uses_wgmma="wgmma" in ptx,
+        uses_wgmma=re.search(r"(?<![\w.])wgmma\.mma_async", ptx) is not None,
         uses_mma=re.search(r"(?<![\w.])mma\.sync", ptx) is not None,
         ptx=ptx,
         ptxas_log=log,
@@ -337,6 +348,9 @@ def _alignment_attrs(fn, signature: dict, target, aligned) -> dict:
     """ASTSource attrs marking the chosen arguments as divisible by 16."""
     if aligned is None:
         aligned = [a for a, ty in signature.items() if ty.startswith("*")]
+    wrong = [a for a in aligned if signature.get(a, "constexpr") == "constexpr"]
+    if wrong:
+        raise ValueError(f"aligned names {wrong}, which are not runtime arguments of {fn.__name__}")
     try:
         from triton.compiler.compiler import make_backend
 
@@ -363,6 +377,7 @@ def _compiler_mode():
         for group in (runtime, cache):
             if group is not None and hasattr(group, "scope"):
                 stack.enter_context(group.scope())
+        stack.enter_context(_interpreter_patches_undone())
         try:
             os.environ.pop("TRITON_INTERPRET", None)
             os.environ["TRITON_CACHE_DIR"] = _CACHE_DIR.name
@@ -377,3 +392,51 @@ def _compiler_mode():
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _interpreter_patches_undone():
+    """Put triton.language's own functions back while compiling.
+
+    Each interpreted launch patches the builtins of the triton.language modules its kernel sees
+    and restores them afterwards, but a nested @triton.jit call (tl.rand, tl.max, any helper)
+    patches the modules the helper sees without restoring them: after such a launch,
+    triton.language.core keeps interpreter versions of program_id, arange, load, ... and the code
+    generator then fails ("'ir.value' object has no attribute 'dtype'"). The leaked values are
+    restored on exit, so the interpreter finds everything as it left it.
+    """
+    import triton.language as tl
+
+    modules = (tl, tl.core, tl.math)
+    leaks = []
+    for module in modules:
+        for name, value in list(vars(module).items()):
+            if _interpreter_made(value):
+                leaks.append((module, name, value, _original(name, value, modules)))
+    for module, name, _, original in leaks:
+        setattr(module, name, original)
+    try:
+        yield
+    finally:
+        for module, name, value, _ in leaks:
+            setattr(module, name, value)
+
+
+def _interpreter_made(value) -> bool:
+    """True for the stand-ins Triton's interpreter installs in triton.language."""
+    fn = value.func if isinstance(value, functools.partial) else value  # multiple_of & co.
+    return value is print or (isinstance(fn, types.FunctionType) and fn.__module__ == "triton.runtime.interpreter")
+
+
+def _original(name: str, value, modules):
+    """The function an interpreter stand-in replaced: the wrapped builtin, or the same name in a
+    sibling triton.language module that is not patched."""
+    wrapped = (getattr(value, "__kwdefaults__", None) or {}).get("member")
+    if wrapped is not None and not _interpreter_made(wrapped):
+        return wrapped
+    for module in modules:
+        candidate = vars(module).get(name)
+        if candidate is not None and not _interpreter_made(candidate):
+            return candidate
+    raise RuntimeError(f"cannot undo the interpreter's patch of triton.language {name!r}; compile in a "
+                       f"process that has not launched interpreted kernels")

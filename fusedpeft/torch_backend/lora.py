@@ -41,9 +41,9 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling: float, dropout_
     grad_A / grad_B come back in the adapters' dtypes, grad_x in x's dtype.
     """
     grad_y = grad_y.to(x.dtype)
-    A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    grad_S = torch.mm(grad_y, B).mul_(scaling) if (need_x or need_A) else None
-    grad_B = torch.mm(grad_y.t(), S).mul_(scaling).to(lora_B.dtype) if need_B else None
+    A = lora_A.to(x.dtype)
+    grad_S = grad_y @ (lora_B * scaling).to(x.dtype) if (need_x or need_A) else None
+    grad_B = torch.mm(grad_y.t(), S).to(lora_B.dtype).mul_(scaling) if need_B else None
     grad_x = grad_y @ weight.to(x.dtype) if need_x else None
     grad_A = None
     if dropout_p > 0.0:

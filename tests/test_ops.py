@@ -1,0 +1,114 @@
+"""Every custom op: torch.library.opcheck (schema, fake, autograd registration, AOT dispatch)
+and gradcheck in float64 against finite differences, on every backend that can run here."""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from fusedpeft.ops.cross_entropy import (
+    cross_entropy_backward_op,
+    cross_entropy_op,
+    linear_cross_entropy_backward_op,
+    linear_cross_entropy_op,
+    row_scale_and_labels,
+)
+from fusedpeft.ops.lora import lora_linear_backward_op, lora_linear_op
+from fusedpeft.ops.mora import mora_linear_backward_op, mora_linear_op
+from helpers import runnable
+
+
+def _lora_inputs(dtype, dropout_p, bias=True):
+    x = torch.randn(7, 33, dtype=dtype, requires_grad=True)
+    weight = torch.randn(65, 33, dtype=dtype)
+    b = torch.randn(65, dtype=dtype) if bias else None
+    A = torch.randn(4, 33, dtype=dtype, requires_grad=True)
+    B = torch.randn(65, 4, dtype=dtype, requires_grad=True)
+    seed = torch.tensor(20251128) if dropout_p else None
+    return x, weight, b, A, B, 0.75, dropout_p, seed
+
+
+@pytest.mark.parametrize("backend", runnable("lora"))
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_op(backend, dropout_p, bias):
+    args = _lora_inputs(torch.float64, dropout_p, bias)
+    opcheck(lora_linear_op, (*args, backend))
+    x, weight, b, A, B, scaling, p, seed = args
+    grad_y = torch.randn(7, 65, dtype=torch.float64)
+    S = torch.randn(7, 4, dtype=torch.float64)
+    opcheck(lora_linear_backward_op, (grad_y, x.detach(), weight, A.detach(), B.detach(), S, scaling, p, seed,
+                                      True, False, True, backend))
+    torch.autograd.gradcheck(lambda x, A, B: lora_linear_op(x, weight, b, A, B, scaling, p, seed, backend)[0],
+                             (x, A, B))
+
+
+def _mora_inputs(dtype, mora_type, k, d, r_hat, dropout_p, rows=9):
+    x = torch.randn(rows, k, dtype=dtype, requires_grad=True)
+    weight = torch.randn(d, k, dtype=dtype)
+    M = torch.randn(r_hat, r_hat, dtype=dtype, requires_grad=True)
+    return x, weight, torch.randn(d, dtype=dtype), M, mora_type, dropout_p, torch.tensor(7) if dropout_p else None
+
+
+@pytest.mark.parametrize("backend", runnable("mora"))
+@pytest.mark.parametrize("mora_type", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("k,d,r_hat", [(13, 29, 6), (30, 7, 6)])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_mora_op(backend, mora_type, k, d, r_hat, dropout_p):
+    args = _mora_inputs(torch.float64, mora_type, k, d, r_hat, dropout_p)
+    opcheck(mora_linear_op, (*args, backend))
+    x, weight, bias, M, t, p, seed = args
+    grad_y = torch.randn(x.shape[0], d, dtype=torch.float64)
+    opcheck(mora_linear_backward_op, (grad_y, x.detach(), weight, M.detach(), t, p, seed, True, True, backend))
+    torch.autograd.gradcheck(lambda x, M: mora_linear_op(x, weight, bias, M, t, p, seed, backend), (x, M))
+
+
+@pytest.mark.parametrize("backend", runnable("mora"))
+@pytest.mark.parametrize("mora_type", [1, 6])
+def test_mora_op_merged_strategy_gradcheck(backend, mora_type):
+    """Enough rows that the torch backend takes the merged-weight strategy."""
+    x, weight, bias, M, t, p, seed = _mora_inputs(torch.float64, mora_type, 13, 29, 6, 0.0, rows=70)
+    torch.autograd.gradcheck(lambda x, M: mora_linear_op(x, weight, bias, M, t, p, seed, backend), (x, M))
+
+
+def _ce_inputs(dtype, reduce, n=11, vocab=13):
+    logits = torch.randn(n, vocab, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (n,))
+    labels[2] = -100
+    mask = torch.rand(n) < 0.4
+    weights = torch.rand(n, dtype=dtype)
+    scale, safe = row_scale_and_labels(labels, vocab, instruction_mask=mask, instruction_weight=0.3,
+                                       token_weights=weights, reduction="mean" if reduce else "none", dtype=dtype)
+    return logits, safe, scale
+
+
+@pytest.mark.parametrize("backend", runnable("cross_entropy"))
+@pytest.mark.parametrize("reduce", [True, False])
+@pytest.mark.parametrize("options", [(0.0, 0.0, None), (0.1, 1e-3, 5.0)])
+def test_cross_entropy_op(backend, reduce, options):
+    logits, labels, scale = _ce_inputs(torch.float64, reduce)
+    opcheck(cross_entropy_op, (logits, labels, scale, reduce, *options, backend))
+    loss, lse = cross_entropy_op(logits.detach(), labels, scale, reduce, *options, backend)
+    grad = torch.randn_like(loss)
+    opcheck(cross_entropy_backward_op, (grad, logits.detach(), labels, scale, lse, *options, backend))
+    torch.autograd.gradcheck(lambda z: cross_entropy_op(z, labels, scale, reduce, *options, backend)[0], (logits,))
+
+
+@pytest.mark.parametrize("backend", runnable("cross_entropy"))
+@pytest.mark.parametrize("reduce", [True, False])
+@pytest.mark.parametrize("options", [(0.0, 0.0, None), (0.1, 1e-3, 5.0)])
+def test_linear_cross_entropy_op(backend, reduce, options):
+    _, labels, scale = _ce_inputs(torch.float64, reduce)
+    hidden = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(13, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(13, dtype=torch.float64, requires_grad=True)
+    budget = 13 * 8 * 3  # three rows per chunk: several chunks
+    args = (hidden, weight, bias, labels, scale, reduce, *options, budget, True, True, True, backend)
+    opcheck(linear_cross_entropy_op, args)
+    grad = torch.randn(11, dtype=torch.float64)
+    opcheck(linear_cross_entropy_backward_op, (grad, hidden.detach(), weight.detach(), bias.detach(), labels, scale,
+                                               *options, budget, True, False, True, backend))
+
+    def loss(h, w, b):
+        return linear_cross_entropy_op(h, w, b, labels, scale, reduce, *options, budget, True, True, True, backend)[0]
+
+    torch.autograd.gradcheck(loss, (hidden, weight, bias))
