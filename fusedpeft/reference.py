@@ -30,13 +30,13 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 
 def _mul32(const: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(high, low) 32-bit words of const * x for uint32 values held in int64 (no overflow)."""
-    x_hi, x_lo = x >> 16, x & 0xFFFF
-    t_hi = x_hi * const  # < 2**48
-    t_lo = x_lo * const  # < 2**48
-    high = (t_hi + (t_lo >> 16)) >> 16
-    low = (((t_hi & 0xFFFF) << 16) + t_lo) & _MASK32
-    return high, low
+    """(high, low) 32-bit words of const * x, for uint32 values held in int64.
+
+    The product is < 2**64; int64 multiplication wraps modulo 2**64, so its bits are exactly the
+    unsigned product's, and masking after the (arithmetic) shift recovers the high word.
+    """
+    product = x * const
+    return (product >> 32) & _MASK32, product & _MASK32
 
 
 def philox4x32(seed: int, counter: torch.Tensor, rounds: int = 10) -> tuple[torch.Tensor, ...]:
