@@ -69,17 +69,18 @@ def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     word = philox4x32(seed, offsets.to(torch.int64) & _MASK32)[0]
     as_int32 = torch.where(word >= 2**31, word - 2**32, word)  # reinterpret the bits as int32
     folded = torch.where(as_int32 < 0, -as_int32 - 1, as_int32)
-    return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+    return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=offsets.device)
 
 
-def dropout_keep_mask(seed: int, n_rows: int, n_cols: int, p: float, row_start: int = 0) -> torch.Tensor:
-    """Bool [n_rows, n_cols]: True where element (m, j) of the 2-D view x[M, K] is kept.
+def dropout_keep_mask(seed: int, n_rows: int, n_cols: int, p: float, row_start: int = 0,
+                      device=None) -> torch.Tensor:
+    """Bool [n_rows, n_cols] on ``device``: True where element (m, j) of the 2-D view x[M, K] is kept.
 
     Rows are global rows row_start .. row_start + n_rows - 1 of a K = n_cols wide input; the
     Philox counter of element (m, j) is (m * K + j) mod 2**32.
     """
-    rows = torch.arange(row_start, row_start + n_rows, dtype=torch.int64).unsqueeze(1)
-    cols = torch.arange(n_cols, dtype=torch.int64).unsqueeze(0)
+    rows = torch.arange(row_start, row_start + n_rows, dtype=torch.int64, device=device).unsqueeze(1)
+    cols = torch.arange(n_cols, dtype=torch.int64, device=device).unsqueeze(0)
     return philox_uniform(seed, rows * n_cols + cols) >= p
 
 
@@ -88,7 +89,7 @@ def dropout(x: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
     if p == 0.0:
         return x
     x2 = x.reshape(-1, x.shape[-1])
-    keep = dropout_keep_mask(seed, x2.shape[0], x2.shape[1], p).to(x.device)
+    keep = dropout_keep_mask(seed, x2.shape[0], x2.shape[1], p, device=x.device)
     return (x2 * keep / (1.0 - p)).to(x.dtype).reshape(x.shape)
 
 

@@ -101,6 +101,22 @@ def test_matches_torch_fp32(shape, label_smoothing, reduction, ignore_index):
     _grad_close(logits.grad, x_ref.grad)
 
 
+@pytest.mark.parametrize("vocab", [2, 5])
+@pytest.mark.parametrize("label_smoothing", [0.1, 0.4])
+def test_tiny_vocab_label_smoothing(vocab, label_smoothing):
+    """Tiny V makes eps / V visible in the gradient (eps / (V - 1) or a dropped term would fail)."""
+    logits = torch.randn(6, vocab, requires_grad=True)
+    labels = torch.randint(0, vocab, (6,))
+    labels[2] = -100
+    x_ref = logits.detach().clone().requires_grad_(True)
+    loss = fp.masked_cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    expected = F.cross_entropy(x_ref, labels, label_smoothing=label_smoothing)
+    _close(loss, expected, rtol=1e-6, atol=1e-6)
+    loss.backward()
+    expected.backward()
+    _grad_close(logits.grad, x_ref.grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
@@ -122,7 +138,8 @@ def test_low_precision_logits_loss_in_fp32(dtype, reduction, label_smoothing):
     x_lp = logits.detach().clone().requires_grad_(True)
     _torch_ce(x_lp, labels, reduction, label_smoothing).backward(g.to(dtype))
     ref32 = x32.grad
-    torch_err = max((x_lp.grad.float() - ref32).abs().max().item(), (ref32.to(dtype).float() - ref32).abs().max().item())
+    torch_err = max((x_lp.grad.float() - ref32).abs().max().item(),
+                    (ref32.to(dtype).float() - ref32).abs().max().item())
     err = (logits.grad.float() - ref32).abs().max().item()
     assert err <= 2 * torch_err + 1e-7, f"{err:.3e} > 2 x {torch_err:.3e}"
 
@@ -372,7 +389,8 @@ def test_ignore_index_is_not_a_bad_label():
 
 def test_hidden_weight_dtype_mismatch():
     with pytest.raises(ERRORS, match=r"(?s)(hidden.*weight|weight.*hidden)"):
-        fp.linear_cross_entropy(torch.randn(4, 8), torch.randn(11, 8, dtype=torch.float64), torch.zeros(4, dtype=torch.long))
+        fp.linear_cross_entropy(torch.randn(4, 8), torch.randn(11, 8, dtype=torch.float64),
+                                torch.zeros(4, dtype=torch.long))
     with pytest.raises(ERRORS, match=r"(?s)(hidden.*weight|weight.*hidden)"):
         fp.linear_cross_entropy(torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(11, 8),
                                 torch.zeros(4, dtype=torch.long))
@@ -389,3 +407,30 @@ def test_bad_token_weights(bad, entry):
             fp.masked_cross_entropy(torch.randn(4, 11), labels, token_weights=tw)
         else:
             fp.linear_cross_entropy(torch.randn(4, 8), torch.randn(11, 8), labels, token_weights=tw)
+
+
+@pytest.mark.parametrize("arg", ["instruction_mask", "token_weights"])
+@pytest.mark.parametrize("entry", ["masked", "linear"])
+def test_bad_mask_or_weights_shape(arg, entry):
+    labels = torch.tensor([0, 3, 5, 7])
+    bad = torch.ones(5, dtype=torch.bool) if arg == "instruction_mask" else torch.rand(5)
+    with pytest.raises(ERRORS, match=arg):
+        if entry == "masked":
+            fp.masked_cross_entropy(torch.randn(4, 11), labels, **{arg: bad})
+        else:
+            fp.linear_cross_entropy(torch.randn(4, 8), torch.randn(11, 8), labels, **{arg: bad})
+
+
+def test_hidden_weight_width_mismatch():
+    with pytest.raises(ERRORS, match=r"(?s)(hidden.*weight|weight.*hidden)"):
+        fp.linear_cross_entropy(torch.randn(4, 8), torch.randn(11, 9), torch.zeros(4, dtype=torch.long))
+
+
+def test_no_gradient_to_token_weights():
+    """SPEC §4: gradients flow to logits only; labels, masks and weights get none."""
+    logits = torch.randn(4, 11, requires_grad=True)
+    tw = torch.rand(4, requires_grad=True)
+    loss = fp.masked_cross_entropy(logits, torch.tensor([0, 3, 5, 7]), token_weights=tw)
+    loss.backward()
+    assert logits.grad is not None
+    assert tw.grad is None or torch.count_nonzero(tw.grad) == 0

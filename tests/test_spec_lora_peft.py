@@ -66,7 +66,10 @@ def _fused_from(peft_layer, r, alpha, use_rslora=False):
 
 
 def _close(actual, expected, rtol, atol):
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+    """Elementwise rtol; atol scaled by the largest expected magnitude (gradients reach ~1e2 here and
+    have entries near zero from cancellation, where only an absolute bound is meaningful)."""
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,7 +224,10 @@ def _eager_lora(x, W, b, A, B, scaling, keep, p):
 
 @pytest.mark.parametrize("dtype,rtol,atol", TOLS, ids=TOL_IDS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_dropout_mask_from_spec_seed(dtype, rtol, atol, bias):
+@pytest.mark.parametrize("tokens", [7, 1100], ids=["small", "over-64Ki-elements"])
+def test_dropout_mask_from_spec_seed(dtype, rtol, atol, bias, tokens):
+    """tokens = 1100: x[2 * 1100, 33] has more than 2**16 elements, so an implementation that
+    generates the mask in blocks must carry the global row index into the Philox counter."""
     in_f, out_f, r, alpha, p = 33, 65, 4, 8.0, 0.3
     base = nn.Linear(in_f, out_f, bias=bias).to(dtype)
     layer = fp.LoRALinear(base, r=r, alpha=alpha, dropout=p)
@@ -231,14 +237,14 @@ def test_dropout_mask_from_spec_seed(dtype, rtol, atol, bias):
     W, b = base.weight.detach(), None if base.bias is None else base.bias.detach()
     A0, B0 = layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone()
 
-    x = torch.randn(2, 7, in_f, dtype=dtype, requires_grad=True)
+    x = torch.randn(2, tokens, in_f, dtype=dtype, requires_grad=True)
     state = torch.get_rng_state()
     y = layer(x)
     after = torch.get_rng_state()
     torch.set_rng_state(state)
     seed = int(ref.new_dropout_seed())
     assert torch.equal(torch.get_rng_state(), after), "the forward must draw exactly one seed, as SPEC §5 says"
-    keep = ref.dropout_keep_mask(seed, 14, in_f, p).reshape(2, 7, in_f)
+    keep = ref.dropout_keep_mask(seed, 2 * tokens, in_f, p).reshape(2, tokens, in_f)
     assert 0.5 < keep.float().mean().item() < 0.9
 
     x_r = x.detach().clone().requires_grad_(True)

@@ -25,9 +25,8 @@ def row_blocks(n_rows: int, n_cols: int, block_elements: int = BLOCK_ELEMENTS) -
 
 def dropout_multiplier(seed: torch.Tensor, p: float, rows: slice, n_cols: int, dtype, device) -> torch.Tensor:
     """keep(m, j) / (1 - p) for the rows ``rows`` of an [M, n_cols] input -> [len(rows), n_cols]."""
-    keep = dropout_keep_mask(int(seed), rows.stop - rows.start, n_cols, p, row_start=rows.start)
-    scale = torch.tensor(1.0 / (1.0 - p), dtype=dtype)
-    return (keep.to(dtype) * scale).to(device)
+    keep = dropout_keep_mask(int(seed), rows.stop - rows.start, n_cols, p, row_start=rows.start, device=device)
+    return keep.to(dtype) * torch.tensor(1.0 / (1.0 - p), dtype=dtype, device=device)
 
 
 def dropped_blocks(x: torch.Tensor, p: float, seed: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
