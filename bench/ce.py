@@ -11,10 +11,13 @@ Liger and Cut Cross-Entropy join when importable (they need CUDA).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from bench.common import Case, Provider, Settings, Skip, Step, Work, fusedpeft_attr, fusedpeft_backends, skipped
+from bench.common import Case, Provider, Settings, Skip, Step, Work
+from bench.providers import fusedpeft_attr, fusedpeft_backends, skipped
 
 IGNORE = -100
 CPU_MASKED = [(2048, 32000)]
@@ -134,7 +137,8 @@ def linear_case(settings: Settings, n: int, h: int, v: int, trainable: bool, ins
 
     def cce():
         fn = _cce(dev)
-        return Step(lambda: _loss_only(fn(hidden, weight, labels_masked, ignore_index=IGNORE, reduction="mean")), leaves)
+        return Step(lambda: _loss_only(fn(hidden, weight, labels_masked, ignore_index=IGNORE, reduction="mean")),
+                    leaves)
 
     providers = [Provider("F.ce(hidden @ W^T) (floor)", floor), Provider("HF-style logits.float() + F.ce", hf_upcast),
                  Provider("liger fused linear CE", liger), Provider("cut cross-entropy", cce)]
@@ -171,14 +175,15 @@ def linear_case(settings: Settings, n: int, h: int, v: int, trainable: bool, ins
 
 
 def cases(settings: Settings):
-    """[(case name, builder)] for the device."""
+    """[(case name, builder, priority)] for the device."""
     cuda = settings.device.type == "cuda"
     out = []
     for n, v in GPU_MASKED if cuda else CPU_MASKED:
         for variant in MASKED_VARIANTS:
             name = f"masked_ce_N{n}_V{v}_{variant}"
-            out.append((name, lambda n=n, v=v, var=variant, name=name: masked_case(settings, n, v, var, name)))
+            out.append((name, functools.partial(masked_case, settings, n, v, variant, name), 0))
     for n, h, v, trainable, instr in GPU_LINEAR if cuda else CPU_LINEAR:
-        name = f"linear_ce_N{n}_H{h}_V{v}_{'trainable' if trainable else 'frozen'}{'_instr_half' if instr else ''}"
-        out.append((name, lambda n=n, h=h, v=v, t=trainable, i=instr, name=name: linear_case(settings, n, h, v, t, i, name)))
+        head = "trainable" if trainable else "frozen"
+        name = f"linear_ce_N{n}_H{h}_V{v}_{head}{'_instr_half' if instr else ''}"
+        out.append((name, functools.partial(linear_case, settings, n, h, v, trainable, instr, name), 0))
     return out

@@ -1,10 +1,11 @@
-"""Shared pieces of the benchmark: settings, cases, timing, the measuring loop and the text table.
+"""Shared pieces of the benchmark: settings, cases, timing and the measuring loop.
 
 A Case holds fixed inputs and a list of Providers (implementations); the first provider is the
 case's floor, the baseline every ratio is taken against. A provider's ``make()`` returns a Step
 (a forward closure plus the tensors that receive gradients) or raises Skip with the reason.
-Everything of one case is measured in the same process, one provider after the other, so the
-ratios cancel machine-to-machine noise.
+Everything of one case is measured in the same process (warm-up, output check and peak memory one
+provider at a time, then the timings; on the CPU interleaved between providers), so the ratios
+cancel machine-to-machine noise.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from bench.memory import peak_extra_bytes
-
-MIB = 2**20
+from bench.report import format_case
 
 
 class Skip(Exception):
@@ -28,8 +28,9 @@ class Skip(Exception):
 
 @dataclass
 class Settings:
-    """How to measure. CPU: wall clock, warm-up, then ``reps`` runs with reps chosen so one
-    measurement takes about ``cpu_budget_s`` (at least ``cpu_min_reps``). CUDA: do_bench times."""
+    """How to measure. CPU: wall clock, interleaved rounds, about ``cpu_budget_s`` of runs per
+    implementation (at least ``cpu_min_reps``). CUDA: CUDA events, about ``cuda_rep_ms`` of runs
+    after ``cuda_warmup_ms`` of warm-up, L2 flushed before each run. Medians throughout."""
 
     device: torch.device
     dtype: torch.dtype
@@ -38,14 +39,16 @@ class Settings:
     cpu_min_reps: int = 3
     cpu_min_reps_slow: int = 2     # for steps slower than a second
     cpu_max_reps: int = 50
-    cuda_warmup_ms: float = 10.0
-    cuda_rep_ms: float = 40.0
+    cuda_warmup_ms: float = 5.0
+    cuda_rep_ms: float = 30.0
+    cuda_min_reps: int = 3
+    cuda_max_reps: int = 100
 
     @classmethod
     def make(cls, device: torch.device, dtype: torch.dtype, quick: bool) -> "Settings":
         if quick:
             return cls(device, dtype, True, cpu_budget_s=0.15, cpu_min_reps=2, cpu_min_reps_slow=1, cpu_max_reps=10,
-                       cuda_warmup_ms=2.0, cuda_rep_ms=8.0)
+                       cuda_warmup_ms=2.0, cuda_rep_ms=8.0, cuda_min_reps=2)
         return cls(device, dtype, False)
 
 
@@ -67,11 +70,13 @@ class Step:
     forward() runs the forward with autograd on and returns the output ([N, D] activations, or a
     0-dim loss); ``grad_out`` (same shape as the output, or None for a scalar loss) is fed to
     backward; ``leaves`` are the tensors whose ``.grad`` is cleared before each step.
+    The step's output is dropped after each call (no activation outlives a step).
     """
 
     forward: Callable[[], torch.Tensor]
     leaves: Sequence[torch.Tensor] = ()
     grad_out: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)  # extra facts for the JSON row (e.g. compile time)
 
     def clear_grads(self) -> None:
         for leaf in self.leaves:
@@ -115,68 +120,75 @@ class Case:
     notes: list[str] = field(default_factory=list)
 
 
-def skipped(name: str, reason: str) -> Provider:
-    """A provider that only reports why it cannot run."""
-
-    def make() -> Step:
-        raise Skip(reason)
-
-    return Provider(name, make)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def cpu_median_ms(fn: Callable[[], None], settings: Settings) -> tuple[float, int]:
-    """Median wall-clock ms of fn(); returns (median ms, number of timed runs).
+def cpu_interleaved_ms(fns: list[Callable[[], None]], settings: Settings) -> list[tuple[float, int] | Exception]:
+    """Median wall-clock ms of each (already warmed-up) fn, timed in interleaved rounds.
 
-    The caller has already warmed fn up (measure_provider's first step). The first run here is
-    timed and sets the number of runs: about cpu_budget_s in total, at least cpu_min_reps
-    (cpu_min_reps_slow for steps over a second), at most cpu_max_reps.
+    Every round runs each fn that still needs samples once, in an order rotated from round to
+    round, so load from other processes hits every implementation alike. A fn's first run sets
+    how many it gets: about cpu_budget_s in total, at least cpu_min_reps (cpu_min_reps_slow for
+    runs over a second), at most cpu_max_reps. Returns (median ms, runs) per fn, or the
+    exception it raised.
     """
-    times = []
-    start = time.perf_counter()
+    times: list[list[float]] = [[] for _ in fns]
+    targets: list[int | None] = [None] * len(fns)
+    errors: dict[int, Exception] = {}
+    for round_index in range(10**6):
+        active = [i for i in range(len(fns)) if targets[i] is None or len(times[i]) < targets[i]]
+        if not active:
+            break
+        shift = round_index % len(active)
+        for i in active[shift:] + active[:shift]:
+            start = time.perf_counter()
+            try:
+                fns[i]()
+            except Exception as exc:  # noqa: BLE001 - reported per provider
+                errors[i], targets[i] = exc, len(times[i])
+                continue
+            elapsed = time.perf_counter() - start
+            times[i].append(elapsed)
+            if targets[i] is None:
+                min_reps = settings.cpu_min_reps_slow if elapsed > 1.0 else settings.cpu_min_reps
+                targets[i] = int(min(settings.cpu_max_reps, max(min_reps, settings.cpu_budget_s / max(elapsed, 1e-6))))
+    return [errors[i] if i in errors else (statistics.median(t) * 1e3, len(t)) for i, t in enumerate(times)]
+
+
+_L2_FLUSH: dict = {}  # device -> 256 MiB buffer written before each timed run (larger than any L2)
+
+
+def _cuda_event_ms(fn: Callable[[], None], flush: torch.Tensor | None = None) -> tuple[object, object]:
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if flush is not None:
+        flush.zero_()  # evict L2 (outside the timed region), as triton.testing.do_bench does
+    begin.record()
     fn()
-    times.append(time.perf_counter() - start)
-    min_reps = settings.cpu_min_reps_slow if times[0] > 1.0 else settings.cpu_min_reps
-    reps = int(min(settings.cpu_max_reps, max(min_reps, settings.cpu_budget_s / max(times[0], 1e-6))))
-    for _ in range(reps - 1):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3, len(times)
+    end.record()
+    return begin, end
 
 
 def cuda_median_ms(fn: Callable[[], None], settings: Settings) -> tuple[float, int]:
-    """Median ms of fn() on the GPU: triton.testing.do_bench (L2 flushed between runs) when triton
-    imports, else CUDA events around each run after a warm-up. Returns (median ms, runs or -1)."""
-    try:
-        from triton.testing import do_bench
-    except Exception:  # noqa: BLE001 - any import problem means: use events
-        do_bench = None
-    if do_bench is not None:
-        ms = do_bench(fn, warmup=settings.cuda_warmup_ms, rep=settings.cuda_rep_ms, return_mode="median")
-        return float(ms), -1
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    pairs = []
-    for _ in range(20 if settings.quick else 50):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        pairs.append((begin, end))
-    torch.cuda.synchronize()
-    return statistics.median(b.elapsed_time(e) for b, e in pairs), len(pairs)
+    """Median ms of fn() on the GPU with CUDA events, L2 flushed before every timed run.
 
-
-def median_ms(fn: Callable[[], None], settings: Settings) -> tuple[float, int]:
-    if settings.device.type == "cuda":
-        return cuda_median_ms(fn, settings)
-    return cpu_median_ms(fn, settings)
+    Like triton.testing.do_bench, but one estimating run instead of five and at least
+    cuda_min_reps timed runs: warm-up runs fill about cuda_warmup_ms, timed runs about
+    cuda_rep_ms (at most cuda_max_reps). Returns (median ms, timed runs).
+    """
+    flush = _L2_FLUSH.get(settings.device)
+    if flush is None:
+        flush = _L2_FLUSH[settings.device] = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=settings.device)
+    begin, end = _cuda_event_ms(fn, flush)
+    torch.cuda.synchronize(settings.device)
+    estimate = max(begin.elapsed_time(end), 1e-3)
+    for _ in range(int(min(25, max(1, settings.cuda_warmup_ms / estimate)))):
+        fn()
+    reps = int(min(settings.cuda_max_reps, max(settings.cuda_min_reps, settings.cuda_rep_ms / estimate)))
+    pairs = [_cuda_event_ms(fn, flush) for _ in range(reps)]
+    torch.cuda.synchronize(settings.device)
+    return statistics.median(b.elapsed_time(e) for b, e in pairs), reps
 
 
 def _relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
@@ -186,39 +198,50 @@ def _relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     return float((out - expected).abs().max() / scale)
 
 
-def measure_provider(case: Case, provider: Provider, settings: Settings, expected) -> dict:
-    """Warm up, check the output, then peak memory of one forward+backward, then the two timings."""
+def _failure(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"failed: {type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def prepare_provider(provider: Provider, settings: Settings, expected) -> tuple[Step, dict]:
+    """make() the step, warm it up (checking its output), then measure peak memory of one step."""
     step = provider.make()
-    try:
-        start = time.perf_counter()
-        step.clear_grads()
-        with torch.enable_grad():  # warm-up (lazy set-up, compilation, autotuning) and output check
-            out = step.forward()
-            error = _relative_error(out, expected) if expected is not None and provider.check else None
-            out.backward(step.grad_out)
-            del out
-        _sync(settings.device)
-        first_s = time.perf_counter() - start
-        step.clear_grads()  # gradients of the warm-up would otherwise be freed inside the measured step
-        peak = peak_extra_bytes(step.run_forward_backward, settings.device)
-        fwd_ms, fwd_reps = median_ms(step.run_forward, settings)
-        fwd_bwd_ms, fwd_bwd_reps = median_ms(step.run_forward_backward, settings)
-    finally:
-        step.clear_grads()
-        del step
-    work = provider.work or case.work
-    return {
-        "impl": provider.name,
-        "fwd_ms": fwd_ms,
-        "fwd_bwd_ms": fwd_bwd_ms,
-        "peak_extra_bytes": peak,
-        "rel_err_vs_reference": error,
-        "timed_runs": {"fwd": fwd_reps, "fwd_bwd": fwd_bwd_reps},
-        "first_run_s": first_s,
-        "tflops_fwd_bwd": work.flops_fwd_bwd / (fwd_bwd_ms * 1e-3) / 1e12,
-        "gbps_fwd_bwd": work.bytes_fwd_bwd / (fwd_bwd_ms * 1e-3) / 1e9,
-        "work": vars(work),
-    }
+    start = time.perf_counter()
+    step.clear_grads()
+    with torch.enable_grad():  # warm-up (lazy set-up, compilation, autotuning) and output check
+        out = step.forward()
+        error = _relative_error(out, expected) if expected is not None and provider.check else None
+        out.backward(step.grad_out)
+        del out
+    _sync(settings.device)
+    first_s = time.perf_counter() - start
+    step.clear_grads()  # gradients of the warm-up would otherwise be freed inside the measured step
+    peak = peak_extra_bytes(step.run_forward_backward, settings.device)
+    step.clear_grads()
+    row = {"impl": provider.name, "peak_extra_bytes": peak, "rel_err_vs_reference": error,
+           "first_run_s": round(first_s, 4), **step.info}
+    return step, row
+
+
+def _time_all(prepared: list[tuple[Step, dict]], settings: Settings) -> None:
+    """Fill fwd_ms / fwd_bwd_ms of every prepared row (CUDA events per step, interleaved on CPU)."""
+    for key, method in (("fwd", "run_forward"), ("fwd_bwd", "run_forward_backward")):
+        fns = [getattr(step, method) for step, _ in prepared]
+        if settings.device.type == "cuda":
+            timings = []
+            for fn in fns:
+                try:
+                    timings.append(cuda_median_ms(fn, settings))
+                except Exception as exc:  # noqa: BLE001
+                    timings.append(exc)
+        else:
+            timings = cpu_interleaved_ms(fns, settings)
+        for (step, row), timing in zip(prepared, timings):
+            step.clear_grads()
+            if isinstance(timing, Exception):
+                row.setdefault("skipped", _failure(timing))
+            else:
+                row[f"{key}_ms"], row.setdefault("timed_runs", {})[key] = timing
 
 
 def _free_memory(device: torch.device) -> None:
@@ -228,85 +251,35 @@ def _free_memory(device: torch.device) -> None:
 
 
 def run_case(case: Case, settings: Settings) -> dict:
-    """Measure every provider of ``case``; a provider that fails is recorded with its reason."""
+    """Measure every provider of ``case``: warm-up, output check and peak memory one provider at a
+    time, then the timings of all of them; a provider that cannot run is recorded with its reason."""
     expected = None
     if case.expected is not None:
         with torch.no_grad():
             expected = case.expected()
-    rows = []
+    rows: list[dict] = []
+    prepared: list[tuple[Step, dict]] = []
     for provider in case.providers:
         try:
-            rows.append(measure_provider(case, provider, settings, expected))
+            step, row = prepare_provider(provider, settings, expected)
+            prepared.append((step, row))
         except Skip as reason:
-            rows.append({"impl": provider.name, "skipped": str(reason)})
+            row = {"impl": provider.name, "skipped": str(reason)}
         except Exception as exc:  # noqa: BLE001 - report, keep benchmarking the others
-            message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            rows.append({"impl": provider.name, "skipped": f"failed: {message[:300]}"})
+            row = {"impl": provider.name, "skipped": _failure(exc)}
+        rows.append(row)
         _free_memory(settings.device)
+    del expected
+    _time_all(prepared, settings)
+    for provider, row in zip(case.providers, rows):
+        if "skipped" not in row:
+            work = provider.work or case.work
+            row["tflops_fwd_bwd"] = work.flops_fwd_bwd / (row["fwd_bwd_ms"] * 1e-3) / 1e12
+            row["gbps_fwd_bwd"] = work.bytes_fwd_bwd / (row["fwd_bwd_ms"] * 1e-3) / 1e9
+            row["work"] = vars(work)
+    prepared.clear()
+    _free_memory(settings.device)
     result = {"suite": case.suite, "case": case.name, "params": case.params, "floor": case.providers[0].name,
               "formula": case.work.formula, "notes": case.notes, "results": rows}
     print(format_case(result), flush=True)
     return result
-
-
-def _ratio(value, floor) -> str:
-    if value is None or not floor:
-        return "-"
-    return f"{value / floor:.2f}x"
-
-
-def format_case(result: dict) -> str:
-    """Text table of one case: times, memory, ratios against the floor (first row), throughput."""
-    rows = result["results"]
-    floor = rows[0] if "skipped" not in rows[0] else {}
-    lines = [f"\n== {result['suite']} / {result['case']}   (floor: {result['floor']})",
-             f"   work: {result['formula']}"]
-    lines += [f"   note: {note}" for note in result["notes"]]
-    header = (f"   {'impl':<34}{'fwd ms':>10}{'x floor':>9}{'fwd+bwd ms':>12}{'x floor':>9}"
-              f"{'peak MiB':>11}{'x floor':>9}{'TFLOP/s':>9}{'GB/s':>8}{'rel err':>10}")
-    lines += [header, "   " + "-" * (len(header) - 3)]
-    for row in rows:
-        if "skipped" in row:
-            lines.append(f"   {row['impl']:<34}skipped: {row['skipped']}")
-            continue
-        err = row["rel_err_vs_reference"]
-        lines.append(
-            f"   {row['impl']:<34}{row['fwd_ms']:>10.3f}{_ratio(row['fwd_ms'], floor.get('fwd_ms')):>9}"
-            f"{row['fwd_bwd_ms']:>12.3f}{_ratio(row['fwd_bwd_ms'], floor.get('fwd_bwd_ms')):>9}"
-            f"{row['peak_extra_bytes'] / MIB:>11.1f}{_ratio(row['peak_extra_bytes'], floor.get('peak_extra_bytes')):>9}"
-            f"{row['tflops_fwd_bwd']:>9.3g}{row['gbps_fwd_bwd']:>8.3g}{'-' if err is None else f'{err:.1e}':>10}")
-    return "\n".join(lines)
-
-
-def fusedpeft_backends(family: str, device: torch.device) -> list[tuple[str, str | None]]:
-    """[(backend, None if it can run ``family`` on ``device`` else why not)], from
-    fp.available_backends() refined by fusedpeft.backends.unavailable_reason when present."""
-    try:
-        import fusedpeft as fp
-
-        backends = fp.available_backends()
-    except Exception as exc:  # noqa: BLE001
-        return [("(all)", f"fusedpeft.available_backends() is not usable yet ({type(exc).__name__}: {exc})")]
-    try:
-        from fusedpeft.backends import unavailable_reason
-    except Exception:  # noqa: BLE001
-        unavailable_reason = None
-    out = []
-    for name, reason in backends.items():
-        if reason is None and unavailable_reason is not None:
-            reason = unavailable_reason(name, family, device)
-        if reason is None and name == "triton" and device.type == "cpu":
-            reason = "Triton on CPU tensors only runs under TRITON_INTERPRET=1, far too slow to benchmark"
-        out.append((name, reason))
-    return out
-
-
-def fusedpeft_attr(name: str):
-    """fusedpeft.<name>, or raise Skip saying it is not there (yet)."""
-    try:
-        import fusedpeft as fp
-    except Exception as exc:  # noqa: BLE001
-        raise Skip(f"import fusedpeft failed ({type(exc).__name__}: {exc})") from exc
-    if not hasattr(fp, name):
-        raise Skip(f"fusedpeft.{name} does not exist yet (public API of SPEC §1 not landed)")
-    return getattr(fp, name)

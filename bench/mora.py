@@ -9,12 +9,14 @@ Dropout is 0 here (the LoRA suite covers the dropout paths).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
 
-from bench.common import Case, Provider, Settings, Step, Work, fusedpeft_attr, fusedpeft_backends, skipped
+from bench.common import Case, Provider, Settings, Step, Work
+from bench.providers import fusedpeft_attr, fusedpeft_backends, skipped
 from bench.lora import floor_work
 
 # (N, K, D, mora_type, r)
@@ -51,7 +53,8 @@ class EagerMoRA(nn.Module):
 
     def _rope_tables(self, n: int, like: torch.Tensor):
         if self.cos is None:
-            inv_freq = 1.0 / 10000 ** (torch.arange(0, self.r_hat, 2, dtype=torch.float32, device=like.device) / self.r_hat)
+            even = torch.arange(0, self.r_hat, 2, dtype=torch.float32, device=like.device)
+            inv_freq = 1.0 / 10000 ** (even / self.r_hat)
             angles = torch.outer(torch.arange(n, dtype=torch.float32, device=like.device), inv_freq)
             angles = torch.cat([angles, angles], dim=-1)
             self.cos, self.sin = angles.cos().to(like.dtype), angles.sin().to(like.dtype)
@@ -140,10 +143,10 @@ def build_case(settings: Settings, n: int, k: int, d: int, mora_type: int, r: in
 
 
 def cases(settings: Settings):
-    """[(case name, builder)] for the device."""
+    """[(case name, builder, priority)] for the device."""
     specs = GPU_CASES if settings.device.type == "cuda" else CPU_CASES
     out = []
     for n, k, d, mora_type, r in specs:
         name = f"N{n}_K{k}_D{d}_type{mora_type}_r{r}"
-        out.append((name, lambda n=n, k=k, d=d, t=mora_type, r=r, name=name: build_case(settings, n, k, d, t, r, name)))
+        out.append((name, functools.partial(build_case, settings, n, k, d, mora_type, r, name), 0))
     return out

@@ -21,6 +21,7 @@ def plot_suite(cases: list[dict], title: str, path: Path) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FormatStrFormatter
     except Exception as exc:  # noqa: BLE001
         print(f"plot skipped: matplotlib not importable ({type(exc).__name__}: {exc})")
         return None
@@ -44,9 +45,13 @@ def plot_suite(cases: list[dict], title: str, path: Path) -> Path | None:
                 row = next((r for r in case["results"][1:] if r["impl"] == impl), {"skipped": ""})
                 values.append(_ratio(row, floor, key))
             positions = [c + (i - (len(impls) - 1) / 2) * width for c in range(len(cases))]
-            ax.bar(positions, values, width, label=impl)
+            # bars grow from the floor (1.0): up when slower / larger, down when faster / smaller
+            ax.bar(positions, [v - 1.0 for v in values], width, bottom=1.0, label=impl)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.set_ylabel(label)
         ax.grid(axis="y", which="both", alpha=0.3)
     axes[0].set_title(title)
@@ -63,7 +68,8 @@ def plot_results(cases: list[dict], out_dir: Path, label: str) -> list[Path]:
     """One PNG per suite present in ``cases``: out_dir / bench_<suite>.png."""
     written = []
     for suite in dict.fromkeys(c["suite"] for c in cases):
-        path = plot_suite([c for c in cases if c["suite"] == suite], f"{suite} — {label}", out_dir / f"bench_{suite}.png")
+        suite_cases = [c for c in cases if c["suite"] == suite]
+        path = plot_suite(suite_cases, f"{suite} — {label}", out_dir / f"bench_{suite}.png")
         if path is not None:
             written.append(path)
     return written

@@ -45,6 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="output folder (default: $OUT, else bench/results/local)")
     parser.add_argument("--quick", action="store_true", help="fewer timed runs (smoke test)")
     parser.add_argument("--cases", default=None, help="comma-separated substrings of 'suite/case' to keep")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's choice); 1 is steadier on a busy machine")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new case after this many seconds (the rest is listed as not run)")
     return parser.parse_args(argv)
 
 
@@ -57,7 +61,8 @@ def _version(dist: str) -> str | None:
 
 def _git(*args: str) -> str | None:
     try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip() or None
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return done.stdout.strip() or None
     except Exception:  # noqa: BLE001
         return None
 
@@ -87,8 +92,8 @@ def machine_info(device: torch.device) -> dict:
         "versions": {d: _version(d) for d in ("triton", "transformers", "peft", "liger-kernel", "cut-cross-entropy",
                                               "matplotlib", "numpy", "pytest-benchmark")},
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain")),
     }
+    info["git_dirty"] = bool(_git("status", "--porcelain")) if info["git_commit"] else None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
@@ -103,11 +108,14 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def _selected(suite_names, settings: Settings, filters: list[str] | None):
+def _selected(suite_names, settings: Settings, filters: list[str] | None) -> list[tuple[str, str, object]]:
+    """(suite, case name, builder) to run: every priority-0 case of every suite, then the rest."""
+    chosen = []
     for suite in suite_names:
-        for name, build in SUITES[suite](settings):
+        for name, build, priority in SUITES[suite](settings):
             if not filters or any(f in f"{suite}/{name}" for f in filters):
-                yield suite, name, build
+                chosen.append((priority, suite, name, build))
+    return [(suite, name, build) for _, suite, name, build in sorted(chosen, key=lambda c: c[0])]
 
 
 def main(argv=None) -> int:
@@ -117,6 +125,8 @@ def main(argv=None) -> int:
         print("--device cuda asked for, but torch sees no CUDA GPU", file=sys.stderr)
         return 2
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     settings = Settings.make(device, dtype, args.quick)
     out_dir = Path(args.out or os.environ.get("OUT") or REPO / "bench" / "results" / "local")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -136,12 +146,17 @@ def main(argv=None) -> int:
 
     json_path = out_dir / f"bench_{args.suite}.json"
     start = time.perf_counter()
+    not_run = []
     for suite, name, build in _selected(suite_names, settings, filters):
+        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+            not_run.append(f"{suite}/{name}")
+            continue
         try:
             case = build()
         except Exception as exc:  # noqa: BLE001 - keep the other cases
             print(f"\n== {suite} / {name}: could not build inputs ({type(exc).__name__}: {exc})")
-            report["cases"].append({"suite": suite, "case": name, "error": f"{type(exc).__name__}: {exc}", "results": []})
+            error = f"{type(exc).__name__}: {exc}"
+            report["cases"].append({"suite": suite, "case": name, "error": error, "results": []})
             continue
         report["cases"].append(run_case(case, settings))
         del case
@@ -158,10 +173,13 @@ def main(argv=None) -> int:
                 for r in c.get("results", []) if r.get("skipped", "").startswith("failed")]
     failures += [f"{c['suite']}/{c['case']}: {c['error']}" for c in report["cases"] if "error" in c]
     report["failures"] = failures
+    report["not_run_time_budget"] = not_run
     report["elapsed_s"] = round(time.perf_counter() - start, 1)
     json_path.write_text(json.dumps(report, indent=1, default=str))
     print(f"\n{len(report['cases'])} cases in {report['elapsed_s']} s; wrote {json_path}"
           + "".join(f", {p}" for p in plots))
+    if not_run:
+        print(f"NOT RUN (--budget-s {args.budget_s:g} used up): " + ", ".join(not_run))
     if failures:
         print("FAILED providers (an exception, not a missing dependency):\n  " + "\n  ".join(failures))
         return 1

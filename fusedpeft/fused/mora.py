@@ -65,7 +65,8 @@ class MoRALinear(AdapterLinear):
         return mora_linear(x, base.weight, base.bias, self.M, self.mora_type, p, seed, self.backend)
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW [out, in] with base(x) + x @ ΔW^T == forward(x) (dropout off), in the base weight's dtype."""
+        """ΔW [out, in] with base(x) + x @ ΔW^T == forward(x) (dropout off), in the base weight's dtype
+        (detached: no gradient flows through it)."""
         delta = mora_delta_weight(self.M, self.in_features, self.out_features, self.mora_type)
         return delta.to(self.base_layer.weight.dtype)
 

@@ -63,9 +63,12 @@ def _ce_setup_context(ctx, inputs, output):
     ctx.save_for_backward(logits, labels, row_scale, output[1])
     ctx.options = (label_smoothing, z_loss, softcap, backend)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _ce_backward(ctx, grad_loss, grad_lse):
+    if grad_loss is None:
+        return None, None, None, None, None, None, None, None
     logits, labels, row_scale, lse = ctx.saved_tensors
     grad = cross_entropy_backward_op(grad_loss.contiguous(), logits, labels, row_scale, lse, *ctx.options)
     return grad, None, None, None, None, None, None, None
@@ -132,6 +135,7 @@ def _lce_setup_context(ctx, inputs, output):
      need_hidden, need_weight, need_bias, backend) = inputs
     ctx.reduce = reduce
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
     if reduce:
         ctx.save_for_backward(*output[1:])
     else:
@@ -141,6 +145,8 @@ def _lce_setup_context(ctx, inputs, output):
 
 
 def _lce_backward(ctx, grad_loss, *unused):
+    if grad_loss is None:
+        return (None,) * 14
     if ctx.reduce:
         grads = [maybe(g) for g in ctx.saved_tensors]
         grads = [None if g is None else (g * grad_loss).to(g.dtype) for g in grads]

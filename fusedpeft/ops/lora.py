@@ -53,10 +53,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
     ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # S never gets a gradient: do not allocate zeros for it
 
 
 def _backward(ctx, grad_y, grad_S):
     x, weight, lora_A, lora_B, S, seed = ctx.saved_tensors
+    if grad_y is None:
+        return None, None, None, None, None, None, None, None, None
     need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]
     grad_x, grad_A, grad_B = lora_linear_backward_op(grad_y, x, weight, lora_A, lora_B, S, ctx.scaling,
                                                      ctx.dropout_p, seed, need_x, need_A, need_B, ctx.backend)

@@ -79,6 +79,8 @@ def mora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, M: Tensor, mora_
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+@torch.no_grad()
 def mora_delta_weight(M: Tensor, in_features: int, out_features: int, mora_type: int) -> Tensor:
-    """ΔW [out_features, in_features] (fp32 for a 16-bit M) built from M in O(out x in)."""
+    """ΔW [out_features, in_features] (fp32 for a 16-bit M) built from M in O(out x in); not
+    differentiable (for merging and inspection; training goes through mora_linear)."""
     return delta_weight(M, MoraGeometry(in_features, out_features, M.shape[0], mora_type))

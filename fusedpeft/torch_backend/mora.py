@@ -30,7 +30,7 @@ from fusedpeft.torch_backend.mora_maps import (
     decompress_transpose,
     rope_blocks,
     rotate_rows,
-    shared_delta_weight,
+    shared_merged_weight,
     used_chunks,
 )
 
@@ -41,16 +41,22 @@ def geometry(weight: torch.Tensor, M: torch.Tensor, mora_type: int) -> MoraGeome
     return MoraGeometry(weight.shape[1], weight.shape[0], M.shape[0], mora_type)
 
 
-def delta_weight(M: torch.Tensor, g: MoraGeometry) -> torch.Tensor:
-    """ΔW [D, K] (fp32 when M is 16-bit, else M's dtype) with x @ ΔW^T == the MoRA branch."""
+def merged_weight(weight: torch.Tensor, M: torch.Tensor, g: MoraGeometry) -> torch.Tensor:
+    """W + ΔW [D, K] in weight's dtype (ΔW built in M's dtype for type 6, cast per block)."""
     if g.mora_type != 6:
-        return shared_delta_weight(M.float() if M.element_size() < 4 else M, g)
-    blocks = rope_blocks(M, g)
-    delta = blocks.new_zeros(g.out_features, g.in_features)
+        return shared_merged_weight(weight, M, g)
+    out = weight.clone()
+    blocks = rope_blocks(M, g).to(out.dtype)
     for i in used_chunks(g):
         for start, stop in chunk_targets(i, g):
-            chunk_input_add_(delta[start:stop], blocks[i, : stop - start], i, g)
-    return delta
+            chunk_input_add_(out[start:stop], blocks[i, : stop - start], i, g)
+    return out
+
+
+def delta_weight(M: torch.Tensor, g: MoraGeometry) -> torch.Tensor:
+    """ΔW [D, K] (fp32 when M is 16-bit, else M's dtype) with x @ ΔW^T == the MoRA branch."""
+    dtype = torch.float32 if M.element_size() < 4 else M.dtype
+    return merged_weight(torch.zeros(g.out_features, g.in_features, dtype=dtype, device=M.device), M, g)
 
 
 def choose_strategy(x: torch.Tensor, dropout_p: float) -> str:
@@ -88,8 +94,13 @@ def _adapter_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, g: MoraGeometry)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if g.mora_type != 6:
         return (decompress_transpose(grad_y, g).t() @ compress(x, g)).to(acc)
-    grad_M = torch.zeros(g.r_hat, g.r_hat, dtype=acc, device=x.device)
-    for i in used_chunks(g):
+    n, r = x.shape[0], g.r_hat
+    # chunks that are plain column blocks of both x and grad_y: one batched GEMM over views
+    aligned = min(g.full_chunks, g.out_features // r) if g.n_chunks * r >= g.out_features else 0
+    products = torch.bmm(grad_y[:, : aligned * r].view(n, aligned, r).permute(1, 2, 0),
+                         x[:, : aligned * r].view(n, aligned, r).transpose(0, 1)).to(acc)
+    grad_M = rotate_rows(products, slice(0, aligned), g).sum(0)
+    for i in range(aligned, len(used_chunks(g))):
         product = chunk_output_grad(grad_y, i, g).t() @ chunk_input(x, i, g)
         grad_M += rotate_rows(product.to(acc), i, g)
     return grad_M
@@ -104,7 +115,7 @@ def mora_forward(x, weight, bias, M, mora_type: int, dropout_p: float, seed, str
     g = geometry(weight, M, mora_type)
     strategy = strategy or choose_strategy(x, dropout_p)
     if strategy == "merged":
-        return F.linear(x, weight + delta_weight(M, g).to(weight.dtype), bias)
+        return F.linear(x, merged_weight(weight, M, g), bias)
     y = F.linear(x, weight, bias)
     M_x = _m_in(x.dtype, M, g)
     if dropout_p > 0.0:
@@ -123,7 +134,7 @@ def mora_backward(grad_y, x, weight, M, mora_type: int, dropout_p: float, seed, 
     strategy = strategy or choose_strategy(x, dropout_p)
     grad_M = None
     if strategy == "merged":
-        grad_x = grad_y @ (weight + delta_weight(M, g).to(weight.dtype)) if need_x else None
+        grad_x = grad_y @ merged_weight(weight, M, g) if need_x else None
         if need_M:
             grad_M = _adapter_weight_grad(x, grad_y, g).to(M.dtype)
         return grad_x, grad_M

@@ -126,32 +126,51 @@ def decompress_transpose(grad_y: torch.Tensor, g: MoraGeometry) -> torch.Tensor:
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def slot_indices(g: MoraGeometry, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(slot of every output [D], slot of every input column [K], slot of each wrapped column [pad])."""
-    k, d, r = g.in_features, g.out_features, g.r_hat
-    if g.mora_type in (2, 4):
-        sizes, counts = _runs(d, r)
-        out_slot = torch.repeat_interleave(torch.arange(r), torch.tensor([sizes[0]] * counts[0] + [sizes[1]] * counts[1]))
-    else:
-        out_slot = torch.arange(d) % r
-    if g.mora_type in (2, 3):
-        sizes, counts = _runs(k, r)
-        in_slot = torch.repeat_interleave(torch.arange(r), torch.tensor([sizes[0]] * counts[0] + [sizes[1]] * counts[1]))
-    else:
-        in_slot = torch.arange(k) % r
-    wrap_slot = (torch.arange(g.pad) + k) % r
-    return out_slot.to(device), in_slot.to(device), wrap_slot.to(device)
+def _slots(length: int, r_hat: int, tiled: bool, device) -> torch.Tensor:
+    """Slot of every position [length]: p mod R (tiled) or its contiguous group's index."""
+    if tiled:
+        return torch.arange(length, device=device) % r_hat
+    (big, small), (n_big, n_small) = _runs(length, r_hat)
+    sizes = torch.tensor([big] * n_big + [small] * n_small, device=device)
+    return torch.repeat_interleave(torch.arange(r_hat, device=device), sizes)
 
 
-def shared_delta_weight(M: torch.Tensor, g: MoraGeometry) -> torch.Tensor:
-    """ΔW [D, K] of types 1-4 in M's dtype: ΔW[p, q] = M[slot(p), slot(q)] (+ the wrapped copy)."""
-    out_slot, in_slot, wrap_slot = slot_indices(g, M.device)
-    rows = M.index_select(0, out_slot)
-    delta = rows.index_select(1, in_slot)
+def _regions(length: int, r_hat: int, tiled: bool) -> list[tuple[int, int, int, int, int, int]]:
+    """Cut positions 0..length-1 into runs viewable as [a, b] whose slot depends on one axis.
+
+    Returns (start, stop, a, b, slot_axis, first_slot): position start + i b + j has slot
+    first_slot + (j if slot_axis == 1 else i). Tiled maps (p -> p mod R) give full tiles plus a
+    remainder; contiguous groups give the runs of q + 1 and of q positions.
+    """
+    if tiled:
+        tiles, rest = divmod(length, r_hat)
+        runs = [(0, tiles * r_hat, tiles, r_hat, 1, 0)] if tiles else []
+        return runs + ([(tiles * r_hat, length, 1, rest, 1, 0)] if rest else [])
+    (big, small), (n_big, n_small) = _runs(length, r_hat)
+    runs = [(0, n_big * big, n_big, big, 0, 0)] if n_big else []
+    return runs + ([(n_big * big, length, n_small, small, 0, n_big)] if small else [])
+
+
+def shared_merged_weight(weight: torch.Tensor, M: torch.Tensor, g: MoraGeometry) -> torch.Tensor:
+    """W + ΔW [D, K] for types 1-4, in weight's dtype: ΔW[p, q] = M[slot(p), slot(q)] (+ the
+    wrapped copy for types 1, 4), written as broadcast adds over [a, b] views — no gather."""
+    out = torch.empty_like(weight)
+    M_w = M.to(weight.dtype)
+    out_runs = _regions(g.out_features, g.r_hat, tiled=g.mora_type in (1, 3))
+    in_runs = _regions(g.in_features, g.r_hat, tiled=g.mora_type in (1, 4))
+    for r0, r1, a1, b1, axis1, slot1 in out_runs:
+        n1 = b1 if axis1 else a1
+        for c0, c1, a2, b2, axis2, slot2 in in_runs:
+            n2 = b2 if axis2 else a2
+            block = M_w[slot1 : slot1 + n1, slot2 : slot2 + n2].reshape(
+                1 if axis1 else n1, n1 if axis1 else 1, 1 if axis2 else n2, n2 if axis2 else 1)
+            torch.add(weight[r0:r1, c0:c1].view(a1, b1, a2, b2), block,
+                      out=out[r0:r1, c0:c1].view(a1, b1, a2, b2))
     if g.pad:
-        delta[:, : g.pad] += rows.index_select(1, wrap_slot)
-    return delta
+        out_slot = _slots(g.out_features, g.r_hat, g.mora_type in (1, 3), M.device)
+        wrap_slot = (torch.arange(g.pad, device=M.device) + g.in_features) % g.r_hat
+        out[:, : g.pad] += M_w.index_select(0, out_slot).index_select(1, wrap_slot)
+    return out
 
 
 # ----------------------------------------------------------------------------- type 6
@@ -178,9 +197,13 @@ def rope_blocks(M: torch.Tensor, g: MoraGeometry) -> torch.Tensor:
     return Mc[None] * cos[:, None, :] + swapped[None] * sin[:, None, :]
 
 
-def rotate_rows(c: torch.Tensor, chunk: int, g: MoraGeometry) -> torch.Tensor:
-    """c [R, R] -> c R_i^T: the rotation of chunk i applied along c's last dimension."""
+def rotate_rows(c: torch.Tensor, chunk: int | slice, g: MoraGeometry) -> torch.Tensor:
+    """c [R, R] -> c R_i^T: the rotation of chunk i applied along c's last dimension.
+
+    With a slice of chunks, c is [n, R, R] and chunk j of the slice is rotated by its own table."""
     cos, sin = (t[chunk].to(c.dtype) for t in rope_tables(g.r_hat, g.n_chunks, c.device))
+    if isinstance(chunk, slice):
+        cos, sin = cos[:, None, :], sin[:, None, :]
     return c * cos + rotate_half(c) * sin
 
 

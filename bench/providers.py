@@ -1,0 +1,52 @@
+"""Guarded access to fusedpeft for the suites: which backends can run a family here, the public
+names of SPEC §1 (a Skip with the reason when one is missing), and providers that only report why
+they cannot run."""
+
+from __future__ import annotations
+
+import torch
+
+from bench.common import Provider, Skip, Step
+
+
+def skipped(name: str, reason: str) -> Provider:
+    """A provider that only reports why it cannot run."""
+
+    def make() -> Step:
+        raise Skip(reason)
+
+    return Provider(name, make)
+
+
+def fusedpeft_backends(family: str, device: torch.device) -> list[tuple[str, str | None]]:
+    """[(backend, None if it can run ``family`` on ``device`` else why not)], from
+    fp.available_backends() refined by fusedpeft.backends.unavailable_reason when present."""
+    try:
+        import fusedpeft as fp
+
+        backends = fp.available_backends()
+    except Exception as exc:  # noqa: BLE001
+        return [("(all)", f"fusedpeft.available_backends() is not usable yet ({type(exc).__name__}: {exc})")]
+    try:
+        from fusedpeft.backends import unavailable_reason
+    except Exception:  # noqa: BLE001
+        unavailable_reason = None
+    out = []
+    for name, reason in backends.items():
+        if reason is None and unavailable_reason is not None:
+            reason = unavailable_reason(name, family, device)
+        if reason is None and name == "triton" and device.type == "cpu":
+            reason = "Triton on CPU tensors only runs under TRITON_INTERPRET=1, far too slow to benchmark"
+        out.append((name, reason))
+    return out
+
+
+def fusedpeft_attr(name: str):
+    """fusedpeft.<name>, or raise Skip saying it is not there (yet)."""
+    try:
+        import fusedpeft as fp
+    except Exception as exc:  # noqa: BLE001
+        raise Skip(f"import fusedpeft failed ({type(exc).__name__}: {exc})") from exc
+    if not hasattr(fp, name):
+        raise Skip(f"fusedpeft.{name} does not exist yet (public API of SPEC §1 not landed)")
+    return getattr(fp, name)

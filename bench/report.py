@@ -1,0 +1,35 @@
+"""The text table printed for every case: times, peak memory, ratios against the floor, throughput."""
+
+from __future__ import annotations
+
+MIB = 2**20
+
+
+def _ratio(value, floor) -> str:
+    if value is None or not floor:
+        return "-"
+    return f"{value / floor:.2f}x"
+
+
+def format_case(result: dict) -> str:
+    """Text table of one case: times, memory, ratios against the floor (first row), throughput."""
+    rows = result["results"]
+    floor = rows[0] if "skipped" not in rows[0] else {}
+    lines = [f"\n== {result['suite']} / {result['case']}   (floor: {result['floor']})",
+             f"   work: {result['formula']}"]
+    lines += [f"   note: {note}" for note in result["notes"]]
+    header = (f"   {'impl':<34}{'fwd ms':>10}{'x floor':>9}{'fwd+bwd ms':>12}{'x floor':>9}"
+              f"{'peak MiB':>11}{'x floor':>9}{'TFLOP/s':>9}{'GB/s':>8}{'rel err':>10}")
+    lines += [header, "   " + "-" * (len(header) - 3)]
+    for row in rows:
+        if "skipped" in row:
+            lines.append(f"   {row['impl']:<34}skipped: {row['skipped']}")
+            continue
+        err = row["rel_err_vs_reference"]
+        lines.append(
+            f"   {row['impl']:<34}{row['fwd_ms']:>10.3f}{_ratio(row['fwd_ms'], floor.get('fwd_ms')):>9}"
+            f"{row['fwd_bwd_ms']:>12.3f}{_ratio(row['fwd_bwd_ms'], floor.get('fwd_bwd_ms')):>9}"
+            f"{row['peak_extra_bytes'] / MIB:>11.1f}{_ratio(row['peak_extra_bytes'], floor.get('peak_extra_bytes')):>9}"
+            f"{row['tflops_fwd_bwd']:>9.3g}{row['gbps_fwd_bwd']:>8.3g}{'-' if err is None else f'{err:.1e}':>10}"
+            + (f"   (compiled in {row['compile_s']:.1f} s)" if "compile_s" in row else ""))
+    return "\n".join(lines)
