@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import Case, Provider, Settings, Skip, Step, Work
-from bench.providers import fusedpeft_attr, fusedpeft_backends, skipped
+from bench.providers import fusedpeft_attr, fusedpeft_providers
 
 IGNORE = -100
 CPU_MASKED = [(2048, 32000)]
@@ -88,17 +88,12 @@ def masked_case(settings: Settings, n: int, v: int, variant: str, name: str) -> 
         return Step(torch_loss(lambda *a, **k: _loss_only(fn(*a, **k))), [logits])
 
     providers = [Provider("F.cross_entropy (floor)", floor), Provider("liger CE", liger)]
-    for backend, reason in fusedpeft_backends("cross_entropy", dev):
-        label = f"fusedpeft[{backend}]"
-        if reason is not None:
-            providers.append(skipped(label, reason))
-            continue
 
-        def fused(backend=backend):
-            fn = fusedpeft_attr("masked_cross_entropy")
-            return Step(lambda: fn(logits, labels, **keywords, backend=backend), [logits])
+    def fused(backend):
+        fn = fusedpeft_attr("masked_cross_entropy")
+        return Step(lambda: fn(logits, labels, **keywords, backend=backend), [logits])
 
-        providers.append(Provider(label, fused))
+    providers += fusedpeft_providers("cross_entropy", dev, fused)
 
     def expected():
         from fusedpeft import reference
@@ -142,18 +137,13 @@ def linear_case(settings: Settings, n: int, h: int, v: int, trainable: bool, ins
 
     providers = [Provider("F.ce(hidden @ W^T) (floor)", floor), Provider("HF-style logits.float() + F.ce", hf_upcast),
                  Provider("liger fused linear CE", liger), Provider("cut cross-entropy", cce)]
-    for backend, reason in fusedpeft_backends("cross_entropy", dev):
-        label = f"fusedpeft[{backend}]"
-        if reason is not None:
-            providers.append(skipped(label, reason))
-            continue
 
-        def fused(backend=backend):
-            fn = fusedpeft_attr("linear_cross_entropy")
-            return Step(lambda: fn(hidden, weight, labels, instruction_mask=instruction_mask, instruction_weight=0.0,
-                                   backend=backend), leaves)
+    def fused(backend):
+        fn = fusedpeft_attr("linear_cross_entropy")
+        return Step(lambda: fn(hidden, weight, labels, instruction_mask=instruction_mask, instruction_weight=0.0,
+                               backend=backend), leaves)
 
-        providers.append(Provider(label, fused))
+    providers += fusedpeft_providers("cross_entropy", dev, fused)
 
     def expected():
         from fusedpeft import reference

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.common import Case, Provider, Settings, Skip, Step, Work
-from bench.providers import fusedpeft_attr, fusedpeft_backends, skipped
+from bench.providers import fusedpeft_attr, fusedpeft_providers
 
 GPU_SHAPES = [(8192, 4096, 4096), (8192, 4096, 1024), (8192, 4096, 14336), (8192, 14336, 4096)]  # Llama-3-8B
 GPU_RANKS = (8, 16, 64)
@@ -153,21 +153,16 @@ def build_case(settings: Settings, n: int, k: int, d: int, r: int, p: float, nam
     providers = [Provider("base nn.Linear (floor)", floor, work=floor_work(n, k, d, elt), check=False),
                  Provider("peft LoRA", peft), Provider("unsloth-style addmm_", addmm),
                  Provider("torch.compile eager LoRA", compiled)]
-    for backend, reason in fusedpeft_backends("lora", dev):
-        label = f"fusedpeft[{backend}]"
-        if reason is not None:
-            providers.append(skipped(label, reason))
-            continue
 
-        def fused(backend=backend):
-            lora_linear_cls = fusedpeft_attr("LoRALinear")
-            layer = lora_linear_cls(base, r=r, alpha=alpha, dropout=p, backend=backend)
-            with torch.no_grad():
-                layer.lora_A.weight.copy_(lora_a)
-                layer.lora_B.weight.copy_(lora_b)
-            return Step(lambda: layer(x), [x, layer.lora_A.weight, layer.lora_B.weight], grad_out)
+    def fused(backend):
+        lora_linear_cls = fusedpeft_attr("LoRALinear")
+        layer = lora_linear_cls(base, r=r, alpha=alpha, dropout=p, backend=backend)
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(lora_a)
+            layer.lora_B.weight.copy_(lora_b)
+        return Step(lambda: layer(x), [x, layer.lora_A.weight, layer.lora_B.weight], grad_out)
 
-        providers.append(Provider(label, fused))
+    providers += fusedpeft_providers("lora", dev, fused)
 
     def expected():
         from fusedpeft import reference

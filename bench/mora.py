@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from bench.common import Case, Provider, Settings, Step, Work
-from bench.providers import fusedpeft_attr, fusedpeft_backends, skipped
+from bench.providers import fusedpeft_attr, fusedpeft_providers
 from bench.lora import floor_work
 
 # (N, K, D, mora_type, r)
@@ -116,20 +116,15 @@ def build_case(settings: Settings, n: int, k: int, d: int, mora_type: int, r: in
 
     providers = [Provider("base nn.Linear (floor)", floor, work=floor_work(n, k, d, elt), check=False),
                  Provider("eager MoRA (reference-style)", eager)]
-    for backend, reason in fusedpeft_backends("mora", dev):
-        label = f"fusedpeft[{backend}]"
-        if reason is not None:
-            providers.append(skipped(label, reason))
-            continue
 
-        def fused(backend=backend):
-            mora_linear_cls = fusedpeft_attr("MoRALinear")
-            layer = mora_linear_cls(base, r=r, mora_type=mora_type, dropout=0.0, backend=backend)
-            with torch.no_grad():
-                layer.M.copy_(m_weight)
-            return Step(lambda: layer(x), [x, layer.M], grad_out)
+    def fused(backend):
+        mora_linear_cls = fusedpeft_attr("MoRALinear")
+        layer = mora_linear_cls(base, r=r, mora_type=mora_type, dropout=0.0, backend=backend)
+        with torch.no_grad():
+            layer.M.copy_(m_weight)
+        return Step(lambda: layer(x), [x, layer.M], grad_out)
 
-        providers.append(Provider(label, fused))
+    providers += fusedpeft_providers("mora", dev, fused)
 
     def expected():
         from fusedpeft import reference

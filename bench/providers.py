@@ -4,6 +4,9 @@ they cannot run."""
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 
 from bench.common import Provider, Skip, Step
@@ -39,6 +42,17 @@ def fusedpeft_backends(family: str, device: torch.device) -> list[tuple[str, str
             reason = "Triton on CPU tensors only runs under TRITON_INTERPRET=1, far too slow to benchmark"
         out.append((name, reason))
     return out
+
+
+def fusedpeft_providers(family: str, device: torch.device, make_step: Callable[[str], Step]) -> list[Provider]:
+    """One provider "fusedpeft[<backend>]" per backend; make_step(backend) builds its Step, and a
+    backend that cannot run ``family`` here only reports why."""
+    providers = []
+    for backend, reason in fusedpeft_backends(family, device):
+        label = f"fusedpeft[{backend}]"
+        providers.append(skipped(label, reason) if reason is not None
+                         else Provider(label, functools.partial(make_step, backend)))
+    return providers
 
 
 def fusedpeft_attr(name: str):

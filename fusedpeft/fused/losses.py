@@ -19,7 +19,7 @@ from fusedpeft.fused._checks import (
     check_same_device,
     check_tensor,
 )
-from fusedpeft.ops._common import autocast_dtype
+from fusedpeft.ops._common import autocast_dtype, cast_for_autocast
 from fusedpeft.ops.cross_entropy import DEFAULT_CHUNK_BUDGET_BYTES, cross_entropy
 from fusedpeft.ops.cross_entropy import linear_cross_entropy as linear_cross_entropy_op
 
@@ -92,9 +92,7 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, instruction_mask=
     check_labels(where, labels, weight.shape[0], hidden.shape[:-1], "hidden.shape[:-1]", ignore_index, hidden.device)
     _check_weighting(where, labels, instruction_mask, token_weights, options)
     check_backend_name(backend)
-    if cast is not None:
-        hidden, weight = hidden.to(cast), weight.to(cast)
-        bias = None if bias is None else bias.to(cast)
+    hidden, weight, bias = cast_for_autocast(hidden, weight, bias)
     return linear_cross_entropy_op(hidden, weight, labels, bias, instruction_mask=instruction_mask,
                                    instruction_weight=instruction_weight, token_weights=token_weights,
                                    ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,

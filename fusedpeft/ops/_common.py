@@ -31,6 +31,15 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
+def cast_for_autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """(x, weight, bias) in the autocast dtype when autocast is on for x's device, as an
+    nn.Linear would see them; unchanged otherwise."""
+    cast = autocast_dtype(x.device.type)
+    if cast is None:
+        return x, weight, bias
+    return x.to(cast), weight.to(cast), None if bias is None else bias.to(cast)
+
+
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """x [..., F] -> contiguous [N, F] (a view when x is already contiguous)."""
     return x.reshape(-1, x.shape[-1]).contiguous()

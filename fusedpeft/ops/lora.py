@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fusedpeft.backends import implementation, resolve_backend
-from fusedpeft.ops._common import as_rows, autocast_dtype, empty_result, maybe, no_autocast
+from fusedpeft.ops._common import as_rows, cast_for_autocast, empty_result, maybe, no_autocast
 
 
 @torch.library.custom_op("fusedpeft::lora_linear", mutates_args=())
@@ -77,10 +77,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     be); lora_A / lora_B stay in their own dtype and are cast tile-wise inside the backend.
     seed: 0-dim int64 CPU tensor, required when dropout_p > 0.
     """
-    cast = autocast_dtype(x.device.type)
-    if cast is not None:
-        x, weight = x.to(cast), weight.to(cast)
-        bias = bias.to(cast) if bias is not None else None
+    x, weight, bias = cast_for_autocast(x, weight, bias)
     name = resolve_backend("lora", backend, x.device)
     y, _ = lora_linear_op(as_rows(x), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, name)
     return y.reshape(*x.shape[:-1], weight.shape[0])

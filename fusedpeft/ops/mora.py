@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fusedpeft.backends import implementation, resolve_backend
-from fusedpeft.ops._common import as_rows, autocast_dtype, empty_result, maybe, no_autocast
+from fusedpeft.ops._common import as_rows, cast_for_autocast, empty_result, maybe, no_autocast
 from fusedpeft.torch_backend.mora import delta_weight
 from fusedpeft.torch_backend.mora_maps import MoraGeometry
 
@@ -70,10 +70,7 @@ def mora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, M: Tensor, mora_
     Under torch.autocast, x, weight and bias are cast to the autocast dtype; M keeps its dtype.
     seed: 0-dim int64 CPU tensor, required when dropout_p > 0.
     """
-    cast = autocast_dtype(x.device.type)
-    if cast is not None:
-        x, weight = x.to(cast), weight.to(cast)
-        bias = bias.to(cast) if bias is not None else None
+    x, weight, bias = cast_for_autocast(x, weight, bias)
     name = resolve_backend("mora", backend, x.device)
     y = mora_linear_op(as_rows(x), weight, bias, M, int(mora_type), float(dropout_p), seed, name)
     return y.reshape(*x.shape[:-1], weight.shape[0])
