@@ -35,10 +35,10 @@ class Settings:
     device: torch.device
     dtype: torch.dtype
     quick: bool = False
-    cpu_budget_s: float = 0.6
+    cpu_budget_s: float = 2.0
     cpu_min_reps: int = 3
     cpu_min_reps_slow: int = 2     # for steps slower than a second
-    cpu_max_reps: int = 50
+    cpu_max_reps: int = 200
     cuda_warmup_ms: float = 5.0
     cuda_rep_ms: float = 30.0
     cuda_min_reps: int = 3

@@ -112,3 +112,42 @@ def test_linear_cross_entropy_op(backend, reduce, options):
         return linear_cross_entropy_op(h, w, b, labels, scale, reduce, *options, budget, True, True, True, backend)[0]
 
     torch.autograd.gradcheck(loss, (hidden, weight, bias))
+
+
+# Outside torch.compile the ops run through their eager twins (same body, setup_context and
+# backward, without torch.library's per-call dispatch): check that path on its own.
+
+
+def _ran_eagerly(out: torch.Tensor, name: str) -> bool:
+    """True when out's autograd node (or the one under a final reshape) is the op's eager twin."""
+    nodes = [out.grad_fn] + [n for n, _ in out.grad_fn.next_functions if n is not None]
+    return any(type(n).__name__.startswith(f"_{name}_eager") for n in nodes)
+
+
+def test_eager_twins_are_used_and_pass_gradcheck():
+    from fusedpeft.ops import cross_entropy as ce_ops, lora as lora_ops, mora as mora_ops
+
+    x, weight, b, A, B, scaling, p, seed = _lora_inputs(torch.float64, 0.25)
+    y = lora_ops.lora_linear(x, weight, b, A, B, scaling, p, seed, backend="torch")
+    assert _ran_eagerly(y, "lora_linear")
+    torch.autograd.gradcheck(lambda x, A, B: lora_ops.lora_linear(x, weight, b, A, B, scaling, p, seed, "torch"),
+                             (x, A, B))
+
+    x, weight, bias, M, t, p, seed = _mora_inputs(torch.float64, 6, 13, 29, 6, 0.3)
+    assert _ran_eagerly(mora_ops.mora_linear(x, weight, bias, M, t, p, seed), "mora_linear")
+    torch.autograd.gradcheck(lambda x, M: mora_ops.mora_linear(x, weight, bias, M, t, p, seed), (x, M))
+
+    logits = torch.randn(2, 5, 9, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 9, (2, 5))
+    loss = ce_ops.cross_entropy(logits, labels, label_smoothing=0.1, softcap=4.0)
+    assert _ran_eagerly(loss, "cross_entropy")
+    torch.autograd.gradcheck(lambda z: ce_ops.cross_entropy(z, labels, reduction="none", z_loss=0.01), (logits,))
+
+    hidden = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    for reduction in ("mean", "none"):
+        loss = ce_ops.linear_cross_entropy(hidden, head, labels, reduction=reduction, chunk_budget_bytes=200)
+        assert _ran_eagerly(loss, "linear_cross_entropy")
+        torch.autograd.gradcheck(
+            lambda h, w: ce_ops.linear_cross_entropy(h, w, labels, reduction=reduction, chunk_budget_bytes=200),
+            (hidden, head))

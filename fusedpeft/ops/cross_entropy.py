@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fusedpeft.backends import implementation, resolve_backend
-from fusedpeft.ops._common import empty_result, maybe, no_autocast
+from fusedpeft.ops._common import eager_twin, empty_result, maybe, no_autocast, run, run_backward
 from fusedpeft.reference import token_loss_weights
 
 DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
@@ -28,13 +28,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # ------------------------------------------------------------------------ from logits
 
 
-@torch.library.custom_op("fusedpeft::cross_entropy", mutates_args=())
-def cross_entropy_op(logits: Tensor, labels: Tensor, row_scale: Tensor, reduce: bool, label_smoothing: float,
+def _cross_entropy(logits: Tensor, labels: Tensor, row_scale: Tensor, reduce: bool, label_smoothing: float,
                      z_loss: float, softcap: Optional[float], backend: str) -> tuple[Tensor, Tensor]:
     """logits [N, V], labels [N], row_scale [N] -> (loss: 0-dim if reduce else [N], lse [N]), fp32."""
     with no_autocast(logits.device.type):
         return implementation("cross_entropy", backend).cross_entropy_forward(
             logits, labels, row_scale, reduce, label_smoothing, z_loss, softcap)
+
+
+cross_entropy_op = torch.library.custom_op("fusedpeft::cross_entropy", _cross_entropy, mutates_args=())
 
 
 @cross_entropy_op.register_fake
@@ -44,13 +46,16 @@ def _(logits, labels, row_scale, reduce, label_smoothing, z_loss, softcap, backe
     return loss, logits.new_empty(logits.shape[0], dtype=acc)
 
 
-@torch.library.custom_op("fusedpeft::cross_entropy_backward", mutates_args=())
-def cross_entropy_backward_op(grad_loss: Tensor, logits: Tensor, labels: Tensor, row_scale: Tensor, lse: Tensor,
+def _cross_entropy_backward(grad_loss: Tensor, logits: Tensor, labels: Tensor, row_scale: Tensor, lse: Tensor,
                               label_smoothing: float, z_loss: float, softcap: Optional[float], backend: str) -> Tensor:
     """grad_loss (0-dim or [N]) -> grad_logits [N, V] in logits' dtype."""
     with no_autocast(logits.device.type):
         return implementation("cross_entropy", backend).cross_entropy_backward(
             grad_loss, logits, labels, row_scale, lse, label_smoothing, z_loss, softcap)
+
+
+cross_entropy_backward_op = torch.library.custom_op("fusedpeft::cross_entropy_backward", _cross_entropy_backward,
+                                                    mutates_args=())
 
 
 @cross_entropy_backward_op.register_fake
@@ -70,18 +75,19 @@ def _ce_backward(ctx, grad_loss, grad_lse):
     if grad_loss is None:
         return None, None, None, None, None, None, None, None
     logits, labels, row_scale, lse = ctx.saved_tensors
-    grad = cross_entropy_backward_op(grad_loss.contiguous(), logits, labels, row_scale, lse, *ctx.options)
+    grad = run_backward(ctx, cross_entropy_backward_op, _cross_entropy_backward, grad_loss.contiguous(), logits, labels,
+                        row_scale, lse, *ctx.options)
     return grad, None, None, None, None, None, None, None
 
 
 cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+_CrossEntropyEager = eager_twin(_cross_entropy, _ce_setup_context, _ce_backward)
 
 
 # ------------------------------------------------------------------------ linear (fused LM head)
 
 
-@torch.library.custom_op("fusedpeft::linear_cross_entropy", mutates_args=())
-def linear_cross_entropy_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, row_scale: Tensor,
+def _linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, row_scale: Tensor,
                             reduce: bool, label_smoothing: float, z_loss: float, softcap: Optional[float],
                             chunk_budget_bytes: int, need_hidden: bool, need_weight: bool, need_bias: bool,
                             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -98,6 +104,10 @@ def linear_cross_entropy_op(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
     return loss, *(g if g is not None else empty_result(hidden) for g in grads)
 
 
+linear_cross_entropy_op = torch.library.custom_op("fusedpeft::linear_cross_entropy", _linear_cross_entropy,
+                                                  mutates_args=())
+
+
 @linear_cross_entropy_op.register_fake
 def _(hidden, weight, bias, labels, row_scale, reduce, label_smoothing, z_loss, softcap, chunk_budget_bytes,
       need_hidden, need_weight, need_bias, backend):
@@ -109,8 +119,7 @@ def _(hidden, weight, bias, labels, row_scale, reduce, label_smoothing, z_loss, 
             torch.empty_like(bias) if reduce and need_bias and bias is not None else empty_result(hidden))
 
 
-@torch.library.custom_op("fusedpeft::linear_cross_entropy_backward", mutates_args=())
-def linear_cross_entropy_backward_op(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+def _linear_cross_entropy_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                      labels: Tensor, row_scale: Tensor, label_smoothing: float, z_loss: float,
                                      softcap: Optional[float], chunk_budget_bytes: int, need_hidden: bool,
                                      need_weight: bool, need_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -120,6 +129,10 @@ def linear_cross_entropy_backward_op(grad_loss: Tensor, hidden: Tensor, weight: 
             grad_loss, hidden, weight, bias, labels, row_scale, label_smoothing, z_loss, softcap, chunk_budget_bytes,
             need_hidden, need_weight, need_bias)
     return tuple(g if g is not None else empty_result(hidden) for g in grads)
+
+
+linear_cross_entropy_backward_op = torch.library.custom_op(
+    "fusedpeft::linear_cross_entropy_backward", _linear_cross_entropy_backward, mutates_args=())
 
 
 @linear_cross_entropy_backward_op.register_fake
@@ -152,14 +165,16 @@ def _lce_backward(ctx, grad_loss, *unused):
         grads = [None if g is None else (g * grad_loss).to(g.dtype) for g in grads]
     else:
         hidden, weight, bias, labels, row_scale = ctx.saved_tensors
-        grads = [maybe(g) for g in linear_cross_entropy_backward_op(
-            grad_loss.contiguous(), hidden, weight, bias, labels, row_scale, *ctx.options)]
+        grads = [maybe(g) for g in run_backward(
+            ctx, linear_cross_entropy_backward_op, _linear_cross_entropy_backward, grad_loss.contiguous(), hidden,
+            weight, bias, labels, row_scale, *ctx.options)]
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     grads = [g if need else None for g, need in zip(grads, (need_hidden, need_weight, need_bias))]
     return (*grads, None, None, None, None, None, None, None, None, None, None, None)
 
 
 linear_cross_entropy_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
+_LinearCrossEntropyEager = eager_twin(_linear_cross_entropy, _lce_setup_context, _lce_backward)
 
 
 # ------------------------------------------------------------------------ entry points
@@ -198,8 +213,9 @@ def cross_entropy(logits: Tensor, labels: Tensor, *, reduction="mean", label_smo
     scale, safe_labels = row_scale_and_labels(labels, vocab, reduction=reduction, dtype=_acc_dtype(logits.dtype),
                                               **weighting)
     name = resolve_backend("cross_entropy", backend, logits.device)
-    loss, _ = cross_entropy_op(logits.reshape(-1, vocab).contiguous(), safe_labels, scale, reduction != "none",
-                               float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), name)
+    loss, _ = run(cross_entropy_op, _CrossEntropyEager, logits.reshape(-1, vocab).contiguous(), safe_labels, scale,
+                  reduction != "none", float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
+                  name)
     return loss.reshape(labels.shape) if reduction == "none" else loss
 
 
@@ -212,8 +228,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: T
                                               **weighting)
     name = resolve_backend("cross_entropy", backend, hidden.device)
     grad_on = torch.is_grad_enabled()
-    loss, *_ = linear_cross_entropy_op(
-        hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight, bias, safe_labels, scale, reduction != "none",
+    loss, *_ = run(
+        linear_cross_entropy_op, _LinearCrossEntropyEager, hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight, bias, safe_labels, scale, reduction != "none",
         float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), int(chunk_budget_bytes),
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad, name)

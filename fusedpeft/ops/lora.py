@@ -14,15 +14,26 @@ import torch
 from torch import Tensor
 
 from fusedpeft.backends import implementation, resolve_backend
-from fusedpeft.ops._common import as_rows, cast_for_autocast, empty_result, maybe, no_autocast
+from fusedpeft.ops._common import (
+    as_rows,
+    cast_for_autocast,
+    eager_twin,
+    empty_result,
+    maybe,
+    no_autocast,
+    run,
+    run_backward,
+)
 
 
-@torch.library.custom_op("fusedpeft::lora_linear", mutates_args=())
-def lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+def _lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                    scaling: float, dropout_p: float, seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
     """x [N, K], weight [D, K], bias [D]?, lora_A [r, K], lora_B [D, r] -> (y [N, D], S [N, r])."""
     with no_autocast(x.device.type):
         return implementation("lora", backend).lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+lora_linear_op = torch.library.custom_op("fusedpeft::lora_linear", _lora_linear, mutates_args=())
 
 
 @lora_linear_op.register_fake
@@ -30,8 +41,7 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
 
 
-@torch.library.custom_op("fusedpeft::lora_linear_backward", mutates_args=())
-def lora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, S: Tensor,
+def _lora_linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, S: Tensor,
                             scaling: float, dropout_p: float, seed: Optional[Tensor], need_x: bool, need_A: bool,
                             need_B: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """grad_y [N, D] -> (grad_x [N, K], grad_A [r, K], grad_B [D, r]); an unneeded one is empty [0]."""
@@ -39,6 +49,10 @@ def lora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: T
         grads = implementation("lora", backend).lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling,
                                                                dropout_p, seed, need_x, need_A, need_B)
     return tuple(g if g is not None else empty_result(x) for g in grads)
+
+
+lora_linear_backward_op = torch.library.custom_op("fusedpeft::lora_linear_backward", _lora_linear_backward,
+                                                  mutates_args=())
 
 
 @lora_linear_backward_op.register_fake
@@ -61,12 +75,14 @@ def _backward(ctx, grad_y, grad_S):
     if grad_y is None:
         return None, None, None, None, None, None, None, None, None
     need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]
-    grad_x, grad_A, grad_B = lora_linear_backward_op(grad_y, x, weight, lora_A, lora_B, S, ctx.scaling,
-                                                     ctx.dropout_p, seed, need_x, need_A, need_B, ctx.backend)
+    grad_x, grad_A, grad_B = run_backward(ctx, lora_linear_backward_op, _lora_linear_backward, grad_y, x, weight,
+                                          lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, seed, need_x, need_A,
+                                          need_B, ctx.backend)
     return maybe(grad_x), None, None, maybe(grad_A), maybe(grad_B), None, None, None, None
 
 
 lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+_LoRALinearEager = eager_twin(_lora_linear, _setup_context, _backward)
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
@@ -79,5 +95,6 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     """
     x, weight, bias = cast_for_autocast(x, weight, bias)
     name = resolve_backend("lora", backend, x.device)
-    y, _ = lora_linear_op(as_rows(x), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, name)
+    y, _ = run(lora_linear_op, _LoRALinearEager, as_rows(x), weight, bias, lora_A, lora_B, float(scaling),
+               float(dropout_p), seed, name)
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -13,17 +13,28 @@ import torch
 from torch import Tensor
 
 from fusedpeft.backends import implementation, resolve_backend
-from fusedpeft.ops._common import as_rows, cast_for_autocast, empty_result, maybe, no_autocast
+from fusedpeft.ops._common import (
+    as_rows,
+    cast_for_autocast,
+    eager_twin,
+    empty_result,
+    maybe,
+    no_autocast,
+    run,
+    run_backward,
+)
 from fusedpeft.torch_backend.mora import delta_weight
 from fusedpeft.torch_backend.mora_maps import MoraGeometry
 
 
-@torch.library.custom_op("fusedpeft::mora_linear", mutates_args=())
-def mora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: Tensor, mora_type: int, dropout_p: float,
+def _mora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: Tensor, mora_type: int, dropout_p: float,
                    seed: Optional[Tensor], backend: str) -> Tensor:
     """x [N, K], weight [D, K], bias [D]?, M [R, R] -> y [N, D] in x's dtype."""
     with no_autocast(x.device.type):
         return implementation("mora", backend).mora_forward(x, weight, bias, M, mora_type, dropout_p, seed)
+
+
+mora_linear_op = torch.library.custom_op("fusedpeft::mora_linear", _mora_linear, mutates_args=())
 
 
 @mora_linear_op.register_fake
@@ -31,14 +42,17 @@ def _(x, weight, bias, M, mora_type, dropout_p, seed, backend):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@torch.library.custom_op("fusedpeft::mora_linear_backward", mutates_args=())
-def mora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, M: Tensor, mora_type: int, dropout_p: float,
+def _mora_linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, M: Tensor, mora_type: int, dropout_p: float,
                             seed: Optional[Tensor], need_x: bool, need_M: bool, backend: str) -> tuple[Tensor, Tensor]:
     """grad_y [N, D] -> (grad_x [N, K], grad_M [R, R]); an unneeded one is empty [0]."""
     with no_autocast(x.device.type):
         grad_x, grad_M = implementation("mora", backend).mora_backward(grad_y, x, weight, M, mora_type, dropout_p,
                                                                        seed, need_x, need_M)
     return (grad_x if grad_x is not None else empty_result(x), grad_M if grad_M is not None else empty_result(x))
+
+
+mora_linear_backward_op = torch.library.custom_op("fusedpeft::mora_linear_backward", _mora_linear_backward,
+                                                  mutates_args=())
 
 
 @mora_linear_backward_op.register_fake
@@ -55,12 +69,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y):
     x, weight, M, seed = ctx.saved_tensors
     need_x, _, _, need_M = ctx.needs_input_grad[:4]
-    grad_x, grad_M = mora_linear_backward_op(grad_y, x, weight, M, ctx.mora_type, ctx.dropout_p, seed, need_x, need_M,
-                                             ctx.backend)
+    grad_x, grad_M = run_backward(ctx, mora_linear_backward_op, _mora_linear_backward, grad_y.contiguous(), x,
+                                  weight, M, ctx.mora_type, ctx.dropout_p, seed, need_x, need_M, ctx.backend)
     return maybe(grad_x), None, None, maybe(grad_M), None, None, None, None
 
 
 mora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+_MoRALinearEager = eager_twin(_mora_linear, _setup_context, _backward)
 
 
 def mora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, M: Tensor, mora_type: int, dropout_p: float = 0.0,
@@ -72,7 +87,8 @@ def mora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, M: Tensor, mora_
     """
     x, weight, bias = cast_for_autocast(x, weight, bias)
     name = resolve_backend("mora", backend, x.device)
-    y = mora_linear_op(as_rows(x), weight, bias, M, int(mora_type), float(dropout_p), seed, name)
+    y = run(mora_linear_op, _MoRALinearEager, as_rows(x), weight, bias, M, int(mora_type), float(dropout_p), seed,
+            name)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
