@@ -56,13 +56,18 @@ def _extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
+def _readme() -> str:
+    path = os.path.join(ROOT, "README.md")
+    return open(path).read() if os.path.exists(path) else ""
+
+
 ext_modules, cmdclass = _extensions()
 
 setup(
     name="fusedpeft",
     version="0.1.0",
     description="Fused LoRA, MoRA and masked/weighted cross-entropy for fine-tuning LLMs",
-    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description=_readme(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fusedpeft", "fusedpeft.*"]),
     python_requires=">=3.10",

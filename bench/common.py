@@ -11,6 +11,7 @@ cancel machine-to-machine noise.
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -125,16 +126,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cpu_interleaved_ms(fns: list[Callable[[], None]], settings: Settings) -> list[tuple[float, int] | Exception]:
+def cpu_interleaved_ms(fns: list[Callable[[], None]], settings: Settings) -> list[tuple[float, int, float] | Exception]:
     """Median wall-clock ms of each (already warmed-up) fn, timed in interleaved rounds.
 
     Every round runs each fn that still needs samples once, in an order rotated from round to
     round, so load from other processes hits every implementation alike. A fn's first run sets
     how many it gets: about cpu_budget_s in total, at least cpu_min_reps (cpu_min_reps_slow for
-    runs over a second), at most cpu_max_reps. Returns (median ms, runs) per fn, or the
-    exception it raised.
+    runs over a second), at most cpu_max_reps. Returns (median ms, runs, paired ratio) per fn,
+    or the exception it raised; the paired ratio is the median over rounds of its time divided
+    by fns[0]'s time in the same round, which cancels the machine's drift between rounds.
     """
     times: list[list[float]] = [[] for _ in fns]
+    by_round: list[dict[int, float]] = [{} for _ in fns]
     targets: list[int | None] = [None] * len(fns)
     errors: dict[int, Exception] = {}
     for round_index in range(10**6):
@@ -151,10 +154,17 @@ def cpu_interleaved_ms(fns: list[Callable[[], None]], settings: Settings) -> lis
                 continue
             elapsed = time.perf_counter() - start
             times[i].append(elapsed)
+            by_round[i][round_index] = elapsed
             if targets[i] is None:
                 min_reps = settings.cpu_min_reps_slow if elapsed > 1.0 else settings.cpu_min_reps
                 targets[i] = int(min(settings.cpu_max_reps, max(min_reps, settings.cpu_budget_s / max(elapsed, 1e-6))))
-    return [errors[i] if i in errors else (statistics.median(t) * 1e3, len(t)) for i, t in enumerate(times)]
+
+    def paired_ratio(i: int) -> float:
+        shared = [r for r in by_round[i] if r in by_round[0]]
+        return statistics.median(by_round[i][r] / by_round[0][r] for r in shared) if shared else math.nan
+
+    return [errors[i] if i in errors else (statistics.median(t) * 1e3, len(t), paired_ratio(i))
+            for i, t in enumerate(times)]
 
 
 _L2_FLUSH: dict = {}  # device -> 256 MiB buffer written before each timed run (larger than any L2)
@@ -240,8 +250,10 @@ def _time_all(prepared: list[tuple[Step, dict]], settings: Settings) -> None:
             step.clear_grads()
             if isinstance(timing, Exception):
                 row.setdefault("skipped", _failure(timing))
-            else:
-                row[f"{key}_ms"], row.setdefault("timed_runs", {})[key] = timing
+                continue
+            row[f"{key}_ms"], row.setdefault("timed_runs", {})[key] = timing[:2]
+            if len(timing) > 2 and not math.isnan(timing[2]):
+                row[f"{key}_paired_ratio"] = timing[2]
 
 
 def _free_memory(device: torch.device) -> None:

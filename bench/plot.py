@@ -7,10 +7,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from bench.report import time_ratio
+
 
 def _ratio(row: dict, floor: dict, key: str) -> float:
     if "skipped" in row or "skipped" in floor or not floor.get(key):
         return math.nan
+    if key == "fwd_bwd_ms":
+        return time_ratio(row, floor, "fwd_bwd")
     return row[key] / floor[key]
 
 

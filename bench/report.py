@@ -5,10 +5,22 @@ from __future__ import annotations
 MIB = 2**20
 
 
+def time_ratio(row: dict, floor: dict, key: str) -> float | None:
+    """row's time over the floor's: the paired per-round ratio when measured (CPU), else the
+    ratio of the medians."""
+    if f"{key}_paired_ratio" in row:
+        return row[f"{key}_paired_ratio"]
+    return row[f"{key}_ms"] / floor[f"{key}_ms"] if floor.get(f"{key}_ms") else None
+
+
 def _ratio(value, floor) -> str:
     if value is None or not floor:
         return "-"
     return f"{value / floor:.2f}x"
+
+
+def _shown(ratio) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 def format_case(result: dict) -> str:
@@ -27,8 +39,8 @@ def format_case(result: dict) -> str:
             continue
         err = row["rel_err_vs_reference"]
         lines.append(
-            f"   {row['impl']:<34}{row['fwd_ms']:>10.3f}{_ratio(row['fwd_ms'], floor.get('fwd_ms')):>9}"
-            f"{row['fwd_bwd_ms']:>12.3f}{_ratio(row['fwd_bwd_ms'], floor.get('fwd_bwd_ms')):>9}"
+            f"   {row['impl']:<34}{row['fwd_ms']:>10.3f}{_shown(time_ratio(row, floor, 'fwd')):>9}"
+            f"{row['fwd_bwd_ms']:>12.3f}{_shown(time_ratio(row, floor, 'fwd_bwd')):>9}"
             f"{row['peak_extra_bytes'] / MIB:>11.1f}{_ratio(row['peak_extra_bytes'], floor.get('peak_extra_bytes')):>9}"
             f"{row['tflops_fwd_bwd']:>9.3g}{row['gbps_fwd_bwd']:>8.3g}{'-' if err is None else f'{err:.1e}':>10}"
             + (f"   (compiled in {row['compile_s']:.1f} s)" if "compile_s" in row else ""))

@@ -39,7 +39,8 @@ def test_lora_llama_shapes_bf16(backend, k, d, r, dropout):
     y32 = ref.lora_linear(x32, base.weight.float(), None, A, B, layer.scaling, dropout, seed)
     mask = ref.dropout_keep_mask(seed, TOKENS, k, dropout).to(DEVICE) if dropout else None
     x_drop = x if mask is None else x * mask.to(x.dtype) / (1 - dropout)
-    eager = base(x) + layer.scaling * (x_drop @ layer.lora_A.weight.to(x.dtype).t()) @ layer.lora_B.weight.to(x.dtype).t()
+    A_x, B_x = layer.lora_A.weight.to(x.dtype), layer.lora_B.weight.to(x.dtype)
+    eager = base(x) + layer.scaling * (x_drop @ A_x.t()) @ B_x.t()
     assert_within(y, y32, eager, 1e-2, "y")
     g = torch.randn_like(y32)
     assert_within(grads(y, (x,), g.bfloat16())[0], grads(y32, (x32,), g)[0], grads(eager, (x,), g.bfloat16())[0],

@@ -214,8 +214,8 @@ def cross_entropy(logits: Tensor, labels: Tensor, *, reduction="mean", label_smo
                                               **weighting)
     name = resolve_backend("cross_entropy", backend, logits.device)
     loss, _ = run(cross_entropy_op, _CrossEntropyEager, logits.reshape(-1, vocab).contiguous(), safe_labels, scale,
-                  reduction != "none", float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
-                  name)
+                  reduction != "none", float(label_smoothing), float(z_loss),
+                  None if softcap is None else float(softcap), name)
     return loss.reshape(labels.shape) if reduction == "none" else loss
 
 
@@ -229,8 +229,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: T
     name = resolve_backend("cross_entropy", backend, hidden.device)
     grad_on = torch.is_grad_enabled()
     loss, *_ = run(
-        linear_cross_entropy_op, _LinearCrossEntropyEager, hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight, bias, safe_labels, scale, reduction != "none",
-        float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), int(chunk_budget_bytes),
-        grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad, name)
+        linear_cross_entropy_op, _LinearCrossEntropyEager, hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight,
+        bias, safe_labels, scale, reduction != "none", float(label_smoothing), float(z_loss),
+        None if softcap is None else float(softcap), int(chunk_budget_bytes), grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad, name)
     return loss.reshape(labels.shape) if reduction == "none" else loss

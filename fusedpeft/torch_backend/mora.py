@@ -3,8 +3,8 @@
 - "merged" (dropout off, fp32/fp64, at least MERGED_MIN_ROWS rows): y = x @ (W + ΔW)^T and
   dX = dY @ (W + ΔW): W + ΔW [D, K] is built from M in one pass over W (types 1-4: broadcast
   adds of M over views of W; type 6: the blocks M·R_i added on W's block diagonal), so the
-  forward and dX cost exactly the base GEMMs — no reshaped square matmul. Only dM needs its own reduction. In 16-bit dtypes W + ΔW would round ΔW away, so this
-  strategy is fp32/fp64 only.
+  forward and dX cost exactly the base GEMMs — no reshaped square matmul. Only dM needs its own
+  reduction. In 16-bit dtypes W + ΔW would round ΔW away, so this strategy is fp32/fp64 only.
 - "explicit" (dropout on, 16-bit, or few rows): compress x to [N, R], z @ M^T, decompress-add into
   the base output in place (types 1-4: 2 N R^2 extra FLOPs); type 6 runs each chunk through its
   block, x_i @ (M·R_i)^T, added into the output's columns in place (2 N R min(K + pad, D) FLOPs).
