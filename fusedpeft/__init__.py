@@ -4,6 +4,7 @@ Public API (SPEC §1): the layers LoRALinear and MoRALinear, the losses masked_c
 linear_cross_entropy and their modules, delta_weight / merge / unmerge, available_backends().
 """
 
+from fusedpeft import fused
 from fusedpeft.backends import available_backends
 from fusedpeft.fused import (
     LinearCrossEntropyLoss,
@@ -19,15 +20,4 @@ from fusedpeft.fused import (
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LoRALinear",
-    "MoRALinear",
-    "MaskedCrossEntropyLoss",
-    "LinearCrossEntropyLoss",
-    "masked_cross_entropy",
-    "linear_cross_entropy",
-    "delta_weight",
-    "merge",
-    "unmerge",
-    "available_backends",
-]
+__all__ = [*fused.__all__, "available_backends"]

@@ -7,6 +7,9 @@ import warnings
 import torch
 from torch import nn
 
+from fusedpeft.fused._checks import check_linear_input
+from fusedpeft.reference import new_dropout_seed
+
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     """float32 next to a 16-bit base weight (PEFT's default), else the base dtype."""
@@ -19,13 +22,30 @@ def check_base(where: str, base) -> None:
 
 
 class AdapterLinear(nn.Module):
-    """Base class: holds ``base_layer`` (frozen, shared) and folds ``delta_weight()`` into it."""
+    """Base class: holds ``base_layer`` (frozen, shared), checks the input, draws the dropout
+    seed, and folds ``delta_weight()`` into the base weight on merge()."""
+
+    dropout: float = 0.0
 
     def __init__(self, base: nn.Linear):
         super().__init__()
         self.base_layer = base
         base.requires_grad_(False)
         self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features] in x's dtype (the autocast dtype under autocast).
+
+        Dropout is on in training mode only; its seed is one draw from torch's default CPU
+        generator (SPEC §5). A merged layer runs the plain base layer."""
+        check_linear_input(f"fusedpeft.{type(self).__name__}.forward", x, self.base_layer.weight)
+        if self.merged:
+            return self.base_layer(x)
+        p = self.dropout if self.training else 0.0
+        return self.adapted_forward(x, p, new_dropout_seed() if p > 0.0 else None)
+
+    def adapted_forward(self, x: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - every subclass defines it
 
     @property
     def in_features(self) -> int:

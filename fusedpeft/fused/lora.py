@@ -10,9 +10,9 @@ from torch import nn
 
 from fusedpeft.backends import check_backend_name
 from fusedpeft.fused._adapter import AdapterLinear, adapter_dtype, check_base
-from fusedpeft.fused._checks import check_linear_input, check_positive_int, check_probability
+from fusedpeft.fused._checks import check_positive_int, check_probability
 from fusedpeft.ops.lora import lora_linear
-from fusedpeft.reference import lora_delta_weight, lora_scaling, new_dropout_seed
+from fusedpeft.reference import lora_delta_weight, lora_scaling
 
 LORA_INITS = ("kaiming", "gaussian")
 
@@ -66,21 +66,14 @@ class LoRALinear(AdapterLinear):
                 nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in_features] -> [..., out_features] in x's dtype (the autocast dtype under autocast)."""
+    def adapted_forward(self, x: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
         base = self.base_layer
-        check_linear_input("fusedpeft.LoRALinear.forward", x, base.weight)
-        if self.merged:
-            return base(x)
-        p = self.dropout if self.training else 0.0
-        seed = new_dropout_seed() if p > 0.0 else None
-        return lora_linear(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, p, seed,
-                           self.backend)
+        return lora_linear(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, dropout_p,
+                           seed, self.backend)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling * B @ A [out, in], computed in fp32, returned in the base weight's dtype."""
         return lora_delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling).to(self.base_layer.weight.dtype)
-
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from fusedpeft.backends import check_backend_name
-from fusedpeft.fused._checks import check_linear_input, check_positive_int, check_probability
+from fusedpeft.fused._checks import check_positive_int, check_probability
 from fusedpeft.fused._adapter import AdapterLinear, adapter_dtype, check_base
 from fusedpeft.ops.mora import mora_delta_weight, mora_linear
-from fusedpeft.reference import MORA_TYPES, mora_padding, mora_r_hat, new_dropout_seed
+from fusedpeft.reference import MORA_TYPES, mora_padding, mora_r_hat
 
 
 class MoRALinear(AdapterLinear):
@@ -53,16 +53,9 @@ class MoRALinear(AdapterLinear):
         factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
         self.M = nn.Parameter(torch.zeros(r_hat, r_hat, **factory))
 
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in_features] -> [..., out_features] in x's dtype (the autocast dtype under autocast)."""
+    def adapted_forward(self, x: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
         base = self.base_layer
-        check_linear_input("fusedpeft.MoRALinear.forward", x, base.weight)
-        if self.merged:
-            return base(x)
-        p = self.dropout if self.training else 0.0
-        seed = new_dropout_seed() if p > 0.0 else None
-        return mora_linear(x, base.weight, base.bias, self.M, self.mora_type, p, seed, self.backend)
+        return mora_linear(x, base.weight, base.bias, self.M, self.mora_type, dropout_p, seed, self.backend)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW [out, in] with base(x) + x @ ΔW^T == forward(x) (dropout off), in the base weight's dtype
