@@ -237,6 +237,7 @@ def _input_slots(in_features: int, r_hat: int, mora_type: int) -> list[tuple[int
 
 
 def _cumulative(sizes):
+    """Consecutive ranges of the given sizes: [0, s0), [s0, s0 + s1), ..."""
     start = 0
     for size in sizes:
         yield range(start, start + size)
