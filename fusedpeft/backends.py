@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 
 import torch
@@ -25,8 +26,19 @@ import torch
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 FAMILIES = ("lora", "mora", "cross_entropy")
 
-# (family, backend) -> module that implements it. Kernel issues add their entries here.
+# (family, backend) -> module that implements it. A module may define
+# ``unavailable_reason(device) -> str | None`` for limits of its own (e.g. kernels not compiled
+# for that device type); a module that does not exist yet makes the pair unavailable, with a reason.
 IMPLEMENTATIONS: dict[tuple[str, str], str] = {
+    ("lora", "triton"): "fusedpeft.kernels.lora",
+    ("mora", "triton"): "fusedpeft.kernels.mora",
+    ("cross_entropy", "triton"): "fusedpeft.kernels.cross_entropy",
+    ("lora", "cuda"): "fusedpeft.cpp_backend.lora",
+    ("mora", "cuda"): "fusedpeft.cpp_backend.mora",
+    ("cross_entropy", "cuda"): "fusedpeft.cpp_backend.cross_entropy",
+    ("lora", "cpu"): "fusedpeft.cpp_backend.lora",
+    ("mora", "cpu"): "fusedpeft.cpp_backend.mora",
+    ("cross_entropy", "cpu"): "fusedpeft.cpp_backend.cross_entropy",
     ("lora", "torch"): "fusedpeft.torch_backend.lora",
     ("mora", "torch"): "fusedpeft.torch_backend.mora",
     ("cross_entropy", "torch"): "fusedpeft.torch_backend.cross_entropy",
@@ -57,6 +69,19 @@ def _extension_problem() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _module_exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
+def _implemented(family: str, backend: str) -> bool:
+    module = IMPLEMENTATIONS.get((family, backend))
+    return module is not None and _module_exists(module)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -67,7 +92,7 @@ def unavailable_reason(backend: str, family: str | None = None, device: torch.de
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; choose one of {BACKENDS} or None for automatic"
     families = (family,) if family else FAMILIES
-    missing = [f for f in families if (f, backend) not in IMPLEMENTATIONS]
+    missing = [f for f in families if not _implemented(f, backend)]
     if len(missing) == len(families):
         what = family or "any op family"
         return f"fusedpeft has no {backend!r} implementation of {what} yet"
@@ -88,6 +113,10 @@ def unavailable_reason(backend: str, family: str | None = None, device: torch.de
             return f"the {backend!r} backend runs on {wanted} tensors, got {device.type} tensors"
         if backend == "cuda" and device is None and not torch.cuda.is_available():
             return "no CUDA GPU is visible"
+    if family is not None and device is not None:
+        own_reason = getattr(implementation(family, backend), "unavailable_reason", None)
+        if own_reason is not None:
+            return own_reason(device)
     return None
 
 

@@ -33,5 +33,5 @@ def runnable(family: str, device: str = "cpu") -> list[str]:
     """Backends implementing ``family`` that can run on ``device`` here."""
     from fusedpeft.backends import IMPLEMENTATIONS, unavailable_reason
 
-    names = [b for (f, b) in IMPLEMENTATIONS if f == family]
+    names = list(dict.fromkeys(b for (f, b) in IMPLEMENTATIONS if f == family))
     return [b for b in names if unavailable_reason(b, family, torch.device(device)) is None]
