@@ -1,0 +1,371 @@
+"""PEFT interop: from_peft (a PEFT LoRA model's layers as LoRALinear, same tensors) and save_adapter /
+load_adapter in PEFT's on-disk format (SPEC §1).
+
+On disk (a directory):
+  adapter_config.json          PEFT's LoraConfig fields: peft_type "LORA", r, lora_alpha, lora_dropout,
+                               use_rslora, target_modules (here: the full module names), rank_pattern,
+                               alpha_pattern; MoRA adds "use_mora": true and "mora_type" (the format of
+                               the MoRA reference's PEFT fork, where r is the LoRA rank and each layer's
+                               r_hat follows from its shape).
+  adapter_model.safetensors    base_model.model.<module>.lora_A.weight [r, in] and .lora_B.weight [out, r];
+                               for MoRA only .lora_A.weight = M [r_hat, r_hat] (the fork aliases lora_B to
+                               M, so a fork file's lora_B copy is accepted when it equals lora_A).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections import Counter
+
+import torch
+from torch import nn
+
+from fusedpeft.fused._adapter import AdapterLinear
+from fusedpeft.fused.lora import LoRALinear
+from fusedpeft.fused.mora import MoRALinear, _checked_r_hat
+from fusedpeft.integrations.models import _set_submodule
+from fusedpeft.reference import MORA_TYPES, lora_scaling
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME_BIN = "adapter_model.bin"
+PREFIX = "base_model.model."
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module under a DistributedDataParallel wrapper (its names carry a "module." prefix)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name it ends (regex, dot-bounded)."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+# --------------------------------------------------------------------------------------------
+# from_peft
+# --------------------------------------------------------------------------------------------
+
+
+def from_peft(peft_model) -> nn.Module:
+    """Swap every LoRA layer of a PEFT model for a LoRALinear sharing its tensors; returns the base model.
+
+    Args:
+        peft_model: a peft.PeftModel or peft.tuners.lora.LoraModel with exactly one LoRA adapter,
+            whose LoRA layers wrap plain nn.Linear layers (no DoRA, no lora_bias, no
+            modules_to_save, no Embedding / Conv / quantized / Conv1D (fan_in_fan_out) layers).
+    Returns the underlying transformers (or other) model, modified in place: each PEFT LoRA layer
+    is replaced by a LoRALinear whose base_layer, lora_A and lora_B are PEFT's own modules (the
+    same Parameters: base weight [out, in], lora_A.weight [r, in], lora_B.weight [out, r]), with
+    PEFT's scaling (alpha/r or rsLoRA, rank/alpha patterns included), dropout p and merged state.
+    requires_grad flags are kept. The PEFT wrapper must not be used afterwards. With dropout 0
+    outputs and gradients equal PEFT's; with p > 0 the mask comes from SPEC §5's Philox stream
+    instead of torch's dropout RNG.
+    """
+    where = "fusedpeft.from_peft"
+    try:
+        from peft import PeftModel
+        from peft.tuners.lora import Linear as PeftLoraLinear
+        from peft.tuners.lora import LoraLayer, LoraModel
+    except ImportError as e:  # pragma: no cover - peft is a test dependency here
+        raise ImportError(f"{where}: needs the peft package ({e})") from e
+    lora_model = peft_model.base_model if isinstance(peft_model, PeftModel) else peft_model
+    if not isinstance(lora_model, LoraModel):
+        raise TypeError(f"{where}: peft_model must be a peft.PeftModel / LoraModel holding a LoRA adapter, got "
+                        f"{type(peft_model).__name__} (tuner {type(lora_model).__name__})")
+    if len(lora_model.peft_config) != 1:
+        raise ValueError(f"{where}: the PEFT model holds adapters {sorted(lora_model.peft_config)}, but exactly one is "
+                         f"supported; delete the others with peft_model.delete_adapter(name)")
+    (adapter, config), = lora_model.peft_config.items()
+    for option, bad in (("use_dora", True), ("lora_bias", True), ("fan_in_fan_out", True)):
+        if getattr(config, option, False) == bad:
+            raise ValueError(f"{where}: adapter {adapter!r} has {option}=True, which LoRALinear does not implement")
+    if getattr(config, "modules_to_save", None):
+        raise ValueError(f"{where}: adapter {adapter!r} has modules_to_save={config.modules_to_save}, which has no "
+                         f"fusedpeft equivalent; train those modules directly instead")
+    inner = lora_model.model
+
+    converted = []
+    for name, module in inner.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        kind = type(module).__name__
+        if not isinstance(module, PeftLoraLinear) or not isinstance(module.get_base_layer(), nn.Linear):
+            raise TypeError(f"{where}: LoRA layer {name!r} is a {kind} over a "
+                            f"{type(module.get_base_layer()).__name__}; only LoRA on plain torch.nn.Linear "
+                            f"layers can be converted")
+        if module.active_adapters != [adapter] or module.disable_adapters:
+            raise ValueError(f"{where}: LoRA layer {name!r} has active adapters {module.active_adapters} "
+                             f"(disabled={module.disable_adapters}); exactly {adapter!r} must be active")
+        if module.use_dora.get(adapter) or adapter in module.lora_magnitude_vector:
+            raise ValueError(f"{where}: LoRA layer {name!r} uses DoRA, which LoRALinear does not implement")
+        if module.lora_B[adapter].bias is not None:
+            raise ValueError(f"{where}: LoRA layer {name!r} has a lora_B bias, which LoRALinear does not implement")
+        if module.base_layer is not module.get_base_layer():
+            raise TypeError(f"{where}: LoRA layer {name!r} wraps a nested adapter layer; only one level is supported")
+        converted.append((name, module))
+    if not converted:
+        raise ValueError(f"{where}: the PEFT model has no LoRA layers")
+
+    for name, module in converted:
+        drop = module.lora_dropout[adapter]
+        p = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+        fused = LoRALinear(module.get_base_layer(), r=module.r[adapter], alpha=module.lora_alpha[adapter],
+                           dropout=p, use_rslora=bool(getattr(config, "use_rslora", False)))
+        fused.lora_A, fused.lora_B = module.lora_A[adapter], module.lora_B[adapter]
+        fused.scaling = float(module.scaling[adapter])
+        fused.merged = bool(module.merged)
+        _set_submodule(inner, name, fused)
+    leftovers = sorted({type(m).__name__ for m in inner.modules() if type(m).__module__.startswith("peft.")})
+    if leftovers:
+        raise TypeError(f"{where}: after conversion the model still holds PEFT modules {leftovers} (LoRA layers were "
+                        f"converted, these were not)")
+    return inner
+
+
+# --------------------------------------------------------------------------------------------
+# save_adapter
+# --------------------------------------------------------------------------------------------
+
+
+def _common(values: dict[str, object]):
+    """(the most common value, {name: value} for the layers that differ) — PEFT's r + rank_pattern layout."""
+    common = Counter(values.values()).most_common(1)[0][0]
+    return common, {re.escape(n): v for n, v in values.items() if v != common}
+
+
+def _lora_alpha(layer: LoRALinear) -> float:
+    """The alpha that PEFT's formula turns into this layer's scaling (which from_peft may have carried over)."""
+    if math.isclose(lora_scaling(layer.r, layer.alpha, layer.use_rslora), layer.scaling, rel_tol=1e-12):
+        return layer.alpha
+    return layer.scaling * (math.sqrt(layer.r) if layer.use_rslora else layer.r)
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the adapters of ``model`` (all LoRALinear, or all MoRALinear) to the directory ``path``.
+
+    The files (adapter_config.json, adapter_model.safetensors; see the module docstring) load
+    with peft.PeftModel.from_pretrained(base_model, path) for LoRA and with load_adapter for both
+    kinds. Module names are those of ``model`` (a DistributedDataParallel wrapper is looked
+    through), so save and load with the same architecture. Tensors are saved in their dtype on
+    CPU. Raises ValueError when the model holds no adapters, mixes LoRA and MoRA, mixes rsLoRA
+    and plain scaling, or mixes MoRA types.
+    """
+    where = "fusedpeft.save_adapter"
+    model = _unwrap(model)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, AdapterLinear)}
+    if not layers:
+        raise ValueError(f"{where}: {type(model).__name__} holds no LoRALinear / MoRALinear layer")
+    kinds = {type(m).__name__ for m in layers.values()}
+    if len(kinds) != 1:
+        raise ValueError(f"{where}: the model mixes adapter kinds {sorted(kinds)}; one file holds one kind")
+    dropouts = {n: m.dropout for n, m in layers.items()}
+    dropout, differing = _common(dropouts)
+    if differing:
+        warnings.warn(f"{where}: layers use different dropout p; PEFT stores one, {dropout} is saved", stacklevel=2)
+    r, rank_pattern = _common({n: m.r for n, m in layers.items()})
+    config = {
+        "peft_type": "LORA", "task_type": None, "inference_mode": True,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "r": r, "rank_pattern": rank_pattern, "lora_dropout": dropout, "target_modules": sorted(layers),
+        "bias": "none", "fan_in_fan_out": False, "use_dora": False, "lora_bias": False, "modules_to_save": None,
+        "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+    }
+    tensors = {}
+    if kinds == {"LoRALinear"}:
+        rslora = {m.use_rslora for m in layers.values()}
+        if len(rslora) != 1:
+            raise ValueError(f"{where}: some layers use rsLoRA scaling and some do not; PEFT stores one use_rslora")
+        alpha, alpha_pattern = _common({n: _lora_alpha(m) for n, m in layers.items()})
+        config.update(lora_alpha=alpha, alpha_pattern=alpha_pattern, use_rslora=rslora.pop())
+        for n, m in layers.items():
+            tensors[f"{PREFIX}{n}.lora_A.weight"] = m.lora_A.weight
+            tensors[f"{PREFIX}{n}.lora_B.weight"] = m.lora_B.weight
+    else:
+        types = {m.mora_type for m in layers.values()}
+        if len(types) != 1:
+            raise ValueError(f"{where}: layers use different mora_type {sorted(types)}; the format stores one")
+        config.update(use_mora=True, mora_type=types.pop(), lora_alpha=r, alpha_pattern={}, use_rslora=False)
+        for n, m in layers.items():
+            tensors[f"{PREFIX}{n}.lora_A.weight"] = m.M
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, os.path.join(path, WEIGHTS_NAME),
+              metadata={"format": "pt"})
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+# --------------------------------------------------------------------------------------------
+# load_adapter
+# --------------------------------------------------------------------------------------------
+
+
+def _read(where: str, path) -> tuple[dict, dict[str, torch.Tensor]]:
+    config_file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{where}: {config_file} does not exist; path must be a directory written by "
+                                f"save_adapter or PEFT's save_pretrained")
+    with open(config_file) as f:
+        config = json.load(f)
+    if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
+        from safetensors.torch import load_file
+
+        tensors = load_file(os.path.join(path, WEIGHTS_NAME))
+    elif os.path.isfile(os.path.join(path, WEIGHTS_NAME_BIN)):
+        tensors = torch.load(os.path.join(path, WEIGHTS_NAME_BIN), map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{where}: neither {WEIGHTS_NAME} nor {WEIGHTS_NAME_BIN} exists in {path}")
+    return config, tensors
+
+
+def _check_config(where: str, config: dict) -> None:
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{where}: adapter_config.json has peft_type={config.get('peft_type')!r}; only LoRA "
+                         f"adapters (peft_type 'LORA', MoRA with use_mora) can be loaded")
+    for option in ("use_dora", "lora_bias", "fan_in_fan_out"):
+        if config.get(option):
+            raise ValueError(f"{where}: the adapter has {option}=True, which fusedpeft does not implement")
+    if config.get("modules_to_save"):
+        raise ValueError(f"{where}: the adapter has modules_to_save={config['modules_to_save']}, which fusedpeft "
+                         f"does not load")
+
+
+def _group(where: str, tensors: dict[str, torch.Tensor], use_mora: bool) -> dict[str, dict[str, torch.Tensor]]:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            hint = (" (DoRA)" if "lora_magnitude_vector" in key else " (LoRA on an Embedding)" if "lora_embedding"
+                    in key else " (lora_bias)" if key.endswith("lora_B.bias") else "")
+            raise ValueError(f"{where}: unexpected key {key!r} in the adapter file{hint}; expected only "
+                             f"'{PREFIX}<module>.lora_A.weight' / '.lora_B.weight'")
+        groups.setdefault(match["module"], {})[match["which"]] = value
+    for name, pair in groups.items():
+        if use_mora:
+            if "lora_A" not in pair:
+                raise ValueError(f"{where}: missing key '{PREFIX}{name}.lora_A.weight' (MoRA's M)")
+            if "lora_B" in pair and not torch.equal(pair["lora_B"], pair["lora_A"]):
+                raise ValueError(f"{where}: MoRA module {name!r} has a lora_B.weight different from lora_A.weight; "
+                                 f"the MoRA format stores M once (lora_B aliases lora_A)")
+        else:
+            for which in ("lora_A", "lora_B"):
+                if which not in pair:
+                    raise ValueError(f"{where}: missing key '{PREFIX}{name}.{which}.weight'")
+    return groups
+
+
+def _plan_lora(where, name, module, pair, config):
+    """(layer to install or None when adapting in place, lora_A, lora_B) after shape checks."""
+    A, B = pair["lora_A"], pair["lora_B"]
+    base = module.base_layer if isinstance(module, AdapterLinear) else module
+    r = A.shape[0]
+    if A.dim() != 2 or B.dim() != 2 or A.shape[1] != base.in_features or tuple(B.shape) != (base.out_features, r):
+        raise ValueError(f"{where}: module {name!r} is {base.in_features}->{base.out_features}, but the file has "
+                         f"lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}; they need [r, {base.in_features}] and "
+                         f"[{base.out_features}, r] (same architecture as when saved?)")
+    alpha = float(_pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8)))
+    rslora = bool(config.get("use_rslora", False))
+    if isinstance(module, AdapterLinear):
+        if module.r != r:
+            raise ValueError(f"{where}: module {name!r} is a LoRALinear with r={module.r}, the file has r={r}")
+        return None, alpha, rslora
+    return LoRALinear(module, r=r, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)),
+                      use_rslora=rslora), alpha, rslora
+
+
+def _plan_mora(where, name, module, pair, config):
+    M = pair["lora_A"]
+    base = module.base_layer if isinstance(module, AdapterLinear) else module
+    mora_type = config.get("mora_type", 1)
+    if mora_type not in MORA_TYPES:
+        raise ValueError(f"{where}: adapter_config.json has mora_type={mora_type!r}; it must be one of {MORA_TYPES}")
+    r = int(_pattern_value(config.get("rank_pattern"), name, config.get("r", 8)))
+    r_hat = _checked_r_hat(where, base.in_features, base.out_features, r, mora_type)
+    if M.dim() != 2 or tuple(M.shape) != (r_hat, r_hat):
+        raise ValueError(f"{where}: module {name!r} ({base.in_features}->{base.out_features}) at r={r}, "
+                         f"mora_type={mora_type} needs M [{r_hat}, {r_hat}], but the file has {tuple(M.shape)}")
+    if isinstance(module, AdapterLinear):
+        if module.r_hat != r_hat:
+            raise ValueError(f"{where}: module {name!r} is a MoRALinear with r_hat={module.r_hat}, the file has "
+                             f"{r_hat}")
+        return None, mora_type, None
+    return MoRALinear(module, r=r, mora_type=mora_type, dropout=float(config.get("lora_dropout", 0.0))), mora_type, None
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load an adapter directory (save_adapter's or PEFT's save_pretrained's) into ``model``; returns it.
+
+    Each module named in the file must exist in ``model``: a plain nn.Linear is wrapped in a new
+    LoRALinear / MoRALinear (r from the tensors, alpha from lora_alpha / alpha_pattern, use_rslora,
+    lora_dropout; MoRA: r / rank_pattern and mora_type from the config); an existing adapter layer
+    of the same kind and shape gets the weights copied in (and the file's scaling / mora_type).
+    Then everything but the adapters is frozen, as apply_lora does. Tensors are copied to each
+    layer's device and adapter dtype. Every check (config, keys, module names, shapes, adapter
+    layers of the model left without weights) runs before the model is changed.
+    """
+    where = "fusedpeft.load_adapter"
+    config, tensors = _read(where, path)
+    _check_config(where, config)
+    use_mora = bool(config.get("use_mora", False))
+    groups = _group(where, tensors, use_mora)
+    model = _unwrap(model)
+    want = MoRALinear if use_mora else LoRALinear
+    existing = {n for n, m in model.named_modules() if isinstance(m, AdapterLinear)}
+    if existing - set(groups):
+        raise ValueError(f"{where}: the file has no weights for the model's adapter layers "
+                         f"{sorted(existing - set(groups))[:5]}")
+    grad_state = [(p, p.requires_grad) for p in model.parameters()]
+    plans = []
+    try:
+        for name, pair in groups.items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"{where}: the file has weights for module {name!r}, which the model "
+                                 f"({type(model).__name__}) does not have; load into the architecture it was saved "
+                                 f"from") from None
+            if isinstance(module, AdapterLinear) and not isinstance(module, want):
+                raise ValueError(f"{where}: module {name!r} is a {type(module).__name__} but the file holds a "
+                                 f"{want.__name__} adapter")
+            if isinstance(module, AdapterLinear) and module.merged:
+                raise ValueError(f"{where}: module {name!r} is merged; unmerge() it before loading new weights")
+            if not isinstance(module, (nn.Linear, AdapterLinear)):
+                raise TypeError(f"{where}: module {name!r} is a {type(module).__name__}, not a torch.nn.Linear")
+            plan = _plan_mora if use_mora else _plan_lora
+            plans.append((name, module, pair, *plan(where, name, module, pair, config)))
+    except BaseException:
+        for p, flag in grad_state:
+            p.requires_grad_(flag)
+        raise
+    model.requires_grad_(False)
+    for name, module, pair, new, setting, rslora in plans:
+        layer = new if new is not None else module
+        if use_mora:
+            layer.M.copy_(pair["lora_A"])
+            layer.mora_type = setting
+        else:
+            layer.lora_A.weight.copy_(pair["lora_A"])
+            layer.lora_B.weight.copy_(pair["lora_B"])
+            layer.alpha, layer.use_rslora = setting, rslora
+            layer.scaling = lora_scaling(layer.r, setting, rslora)
+        if new is not None:
+            _set_submodule(model, name, new)
+    for module in model.modules():
+        if isinstance(module, AdapterLinear):
+            for pname, param in module.named_parameters():
+                if not pname.startswith("base_layer."):
+                    param.requires_grad_(True)
+    return model
