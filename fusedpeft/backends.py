@@ -142,6 +142,9 @@ def check_backend_name(backend: str | None) -> None:
         raise ValueError(f"backend={backend!r} is not a fusedpeft backend; choose one of {BACKENDS}, 'auto' or None")
 
 
+# A pure function of its arguments and of the install: torch.compile takes its result as a constant
+# instead of tracing the importlib look-ups behind it.
+@torch.compiler.assume_constant_result
 def resolve_backend(family: str, backend: str | None, device: torch.device) -> str:
     """The backend that runs ``family`` on ``device``: the one asked for, or the automatic choice."""
     name = requested_backend(backend)
