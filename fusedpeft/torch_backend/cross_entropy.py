@@ -154,17 +154,17 @@ def linear_cross_entropy_pass(hidden, weight, bias, labels, scale, label_smoothi
         tanh = apply_softcap_(z, softcap, keep_tanh=with_grad)
         rows_loss, lse = loss_and_probs_(z, rows_labels, label_smoothing, z_loss)
         loss_rows.index_copy_(0, idx, rows_loss)
-        if not with_grad:
-            continue
-        probs_to_grad_(z, rows_labels, scale.index_select(0, idx).to(acc), lse, label_smoothing, z_loss, tanh,
-                       softcap)
-        del tanh
-        if need_bias:
-            grad_bias += z.sum(0)
-        if need_weight:
-            grad_weight.addmm_(z.t(), h.to(acc))
-        if need_hidden:
-            grad_hidden.index_copy_(0, idx, z.to(hidden.dtype) @ weight)
+        if with_grad:
+            probs_to_grad_(z, rows_labels, scale.index_select(0, idx).to(acc), lse, label_smoothing, z_loss, tanh,
+                           softcap)
+            del tanh
+            if need_bias:
+                grad_bias += z.sum(0)
+            if need_weight:
+                grad_weight.addmm_(z.t(), h.to(acc))
+            if need_hidden:
+                grad_hidden.index_copy_(0, idx, z.to(hidden.dtype) @ weight)
+        del z  # before the next chunk's logits exist: one chunk alive at a time, not two
     return (loss_rows, grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype))

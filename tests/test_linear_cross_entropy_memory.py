@@ -1,0 +1,89 @@
+"""Peak extra memory of linear_cross_entropy forward + backward stays within its chunk budget
+(plus its outputs), while F.cross_entropy on full logits needs several rows x V buffers.
+
+CPU: bench/memory.py's profiler-event method (every c10 CPU allocation and free during the step).
+The op keeps the gradients computed in the forward and returns them scaled by the incoming
+gradient out of place, so the gradients count twice; the rest is small row vectors.
+GPU (marked gpu): the CUDA allocator's peak at V = 128256, H = 4096, 8192 rows, bf16.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fusedpeft as fp
+from fusedpeft.kernels._common import interpreting
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.memory import cpu_peak_extra_bytes, cuda_peak_extra_bytes  # noqa: E402
+
+
+def _problem(rows, hidden_size, vocab, dtype, device, trainable):
+    hidden = torch.randn(rows, hidden_size, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, device=device) / hidden_size**0.5).to(dtype).requires_grad_(trainable)
+    labels = torch.randint(0, vocab, (rows,), device=device)
+    labels[::3] = -100
+    return hidden, weight, labels
+
+
+def _steps(hidden, weight, labels, budget, backend):
+    def clear():
+        hidden.grad = None
+        weight.grad = None
+
+    def fused():
+        clear()
+        fp.linear_cross_entropy(hidden, weight, labels, chunk_budget_bytes=budget, backend=backend).backward()
+
+    def eager():
+        clear()
+        torch.nn.functional.cross_entropy(hidden @ weight.t(), labels).backward()
+
+    return fused, eager
+
+
+def _output_bytes(hidden, weight):
+    return sum(t.numel() * t.element_size() for t in (hidden, weight) if t.requires_grad)
+
+
+@pytest.mark.parametrize("backend,trainable,chunks_alive", [
+    ("torch", False, 1),
+    ("torch", True, 1),
+    # The interpreter launches on a host copy of every tensor argument: one more chunk alive.
+    pytest.param("triton", False, 2, marks=pytest.mark.skipif(
+        not interpreting(), reason="Triton on CPU tensors needs the interpreter (the gpu test covers CUDA)")),
+])
+def test_cpu_peak_within_chunk_budget(backend, trainable, chunks_alive):
+    rows, vocab = (512, 4000) if backend == "torch" else (36, 3000)  # the interpreter is slow
+    hidden, weight, labels = _problem(rows, 64, vocab, torch.float32, "cpu", trainable)
+    logits_bytes = rows * vocab * 4
+    budget = logits_bytes // 4
+    fused, eager = _steps(hidden, weight, labels, budget, backend)
+    fused()  # first call: lazy initialisation out of the measurement
+    eager()
+    fused_peak = cpu_peak_extra_bytes(fused)
+    eager_peak = cpu_peak_extra_bytes(eager)
+    bound = chunks_alive * budget + _output_bytes(hidden, weight) + 64 * rows + 64 * 1024
+    assert eager_peak >= 2 * logits_bytes, f"eager peak {eager_peak} should hold logits and their gradient"
+    assert fused_peak <= bound, f"{backend}: peak {fused_peak} B > {chunks_alive} x chunk budget {budget} + outputs"
+    assert fused_peak <= 0.5 * eager_peak
+
+
+@pytest.mark.gpu
+def test_cuda_peak_llama3_head_bf16():
+    """Triton backend, frozen head: peak <= budget + 2 x grad_hidden + one chunk of compacted
+    hidden rows and their gradient, and <= 10% of eager F.cross_entropy on full logits."""
+    rows, hidden_size, vocab = 8192, 4096, 128256
+    hidden, weight, labels = _problem(rows, hidden_size, vocab, torch.bfloat16, "cuda", False)
+    budget = 256 * 2**20
+    fused, eager = _steps(hidden, weight, labels, budget, "triton")
+    fused()
+    eager()
+    fused_peak = cuda_peak_extra_bytes(fused, hidden.device)
+    eager_peak = cuda_peak_extra_bytes(eager, hidden.device)
+    chunk_rows = budget // (vocab * 2)
+    bound = budget + 2 * _output_bytes(hidden, weight) + 2 * chunk_rows * hidden_size * 2 + 2**20
+    assert fused_peak <= bound, f"peak {fused_peak / 2**20:.1f} MiB > {bound / 2**20:.1f} MiB"
+    assert fused_peak <= 0.1 * eager_peak, f"peak {fused_peak / 2**20:.1f} MiB vs eager {eager_peak / 2**20:.1f} MiB"
