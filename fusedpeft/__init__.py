@@ -3,7 +3,7 @@
 Public API (SPEC §1): the layers LoRALinear and MoRALinear, the losses masked_cross_entropy /
 linear_cross_entropy and their modules, delta_weight / merge / unmerge, available_backends(),
 and the model-level integrations (apply_lora, apply_mora, from_peft, save_adapter, load_adapter,
-merge_adapters, patch_causal_lm, InstructionCollator, ReMoRACallback). The integrations import
+merge_adapters, patch_causal_lm, InstructionCollator, ReMoRACallback, group_lora_projections). The integrations import
 transformers / peft, so they load on first use rather than with ``import fusedpeft``.
 """
 
@@ -36,6 +36,9 @@ _INTEGRATIONS = {
     "patch_causal_lm": "fusedpeft.integrations.causal_lm",
     "InstructionCollator": "fusedpeft.integrations.collator",
     "ReMoRACallback": "fusedpeft.integrations.remora",
+    "group_lora_projections": "fusedpeft.integrations.grouping",
+    "ungroup_lora_projections": "fusedpeft.integrations.grouping",
+    "grouped_projections": "fusedpeft.integrations.grouping",
 }
 
 __all__ = [*fused.__all__, "available_backends", *_INTEGRATIONS]
