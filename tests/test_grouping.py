@@ -1,12 +1,10 @@
 """group_lora_projections / ungroup_lora_projections on tiny Llama / Qwen2 decoders and toy parents:
 equality with the ungrouped model (float64), the grouped op actually used, fallbacks, no stale
-outputs, eval / no_grad / merged, dropout policy, deepcopy, torch.compile, errors, the docs snippet."""
+outputs, eval / no_grad / merged, dropout policy, deepcopy, torch.compile, errors."""
 
 from __future__ import annotations
 
 import copy
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +18,6 @@ from fusedpeft.integrations.grouping import group_lora_projections, grouped_proj
 
 SIZES = dict(vocab_size=61, hidden_size=32, intermediate_size=44, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)
-DOC = Path(__file__).resolve().parents[1] / "docs" / "readme_grouping.md"
 
 
 def randomise_b_(model: nn.Module) -> nn.Module:
@@ -305,8 +302,3 @@ def test_bad_arguments():
         group_lora_projections(Toy(), allow_shared_dropout_mask=1)
     with pytest.raises(TypeError, match="ungroup_lora_projections: model must be a torch.nn.Module"):
         ungroup_lora_projections(None)
-
-
-def test_docs_snippet_runs():
-    (code,) = re.findall(r"^```python\n(.*?)^```", DOC.read_text(), re.S | re.M)
-    exec(compile(code, str(DOC), "exec"), {"__name__": "__doc_snippet__"})

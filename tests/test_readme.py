@@ -14,7 +14,8 @@ def snippets() -> list[tuple[str, str]]:
     text = README.read_text()
     out = []
     for match in SNIPPET.finditer(text):
-        headings = re.findall(r"^#+ (.+)$", text[: match.start()], re.M)
+        prose = SNIPPET.sub("", text[: match.start()])  # "# comment" lines in code are not headings
+        headings = re.findall(r"^#+ (.+)$", prose, re.M)
         out.append((headings[-1] if headings else "top", match.group(1)))
     return out
 
