@@ -1,27 +1,43 @@
 # One-command set-up: `make test` and `make bench` create the virtual environment, install every
-# dependency and the package (editable), then run. Nothing has to be installed by hand.
+# dependency and the package (editable), build the C++/CUDA extension fusedpeft._C in place, then
+# run. Nothing has to be installed by hand. The extension is rebuilt (incrementally, by ninja)
+# whenever a file under csrc/ changes; FUSEDPEFT_SKIP_EXT=1 skips it, FUSEDPEFT_SKIP_CUDA=1 builds
+# it for the CPU only.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fusedpeft-installed
+EXT_STAMP := $(VENV)/.fusedpeft-ext
+CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' \) 2>/dev/null)
 
 .PHONY: install test bench clean
 
-install: $(STAMP)
+install: $(EXT_STAMP)
 
-$(STAMP): setup.py Makefile
+$(STAMP): setup.py Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel
 	# torch first: the package is installed without build isolation so that the extension
-	# (when csrc/ has sources) builds against this torch instead of downloading another one.
+	# builds against this torch instead of downloading another one.
 	$(PY) -m pip install "torch>=2.4"
-	$(PY) -m pip install --no-build-isolation -e ".[dev]"
+	# the package and its dependencies; the extension is built by the next rule, in place
+	FUSEDPEFT_SKIP_EXT=1 $(PY) -m pip install --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
-test: $(STAMP)
+$(EXT_STAMP): $(STAMP) $(CSRC)
+	@if [ "$${FUSEDPEFT_SKIP_EXT:-0}" = 1 ]; then \
+		rm -f fusedpeft/_C*.so; echo "FUSEDPEFT_SKIP_EXT=1: fusedpeft._C not built"; \
+	else \
+		start=$$(date +%s); \
+		PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) setup.py build_ext --inplace || exit 1; \
+		echo "fusedpeft._C built in $$(( $$(date +%s) - start )) s"; \
+		touch $(EXT_STAMP); \
+	fi
+
+test: $(EXT_STAMP)
 	$(PY) -m pytest -q tests
 
-bench: $(STAMP)
+bench: $(EXT_STAMP)
 	$(PY) -m bench --suite all
 
 clean:

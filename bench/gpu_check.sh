@@ -75,7 +75,11 @@ PY
 }
 
 build_extension() {
-    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+    # only the GPU's architecture; the CUDA kernels (csrc/cuda/kernels.cu) include no torch header
+    local began=$(date +%s)
+    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || return 1
+    echo "fusedpeft._C built in $(( $(date +%s) - began )) s" >>"$OUT/build.log"
+    "$PY" -c "import fusedpeft._C as c; print('fusedpeft._C built_with_cuda =', c.built_with_cuda)" >>"$OUT/build.log" 2>&1
 }
 
 gpu_tests() {

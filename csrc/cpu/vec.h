@@ -1,0 +1,19 @@
+// Hot inner loops of the CPU kernels on contiguous float32 arrays. Each is compiled several
+// times (AVX-512, AVX2+FMA, baseline x86-64) and picked at load time (GCC target_clones), so
+// one build runs everywhere and vectorises where the CPU allows.
+#pragma once
+
+#include <cstdint>
+
+namespace fusedpeft::cpu {
+
+// keep[j] = (tl.rand(seed, first_offset + j) >= p) for j < n (offsets wrap modulo 2^32).
+void philox_keep(uint8_t* keep, uint32_t k0, uint32_t k1, float p, uint32_t first_offset, int64_t n);
+float max_f32(const float* x, int64_t n);
+float sum_f32(const float* x, int64_t n);
+// sum_j exp(x[j] - shift)
+float expsum_f32(const float* x, int64_t n, float shift);
+// g[j] = exp(z[j] - lse) * c1 - c0; g may alias z.
+void ce_grad_f32(const float* z, float* g, int64_t n, float lse, float c1, float c0);
+
+}  // namespace fusedpeft::cpu

@@ -1,0 +1,47 @@
+// The schemas of the extension's ops, namespace "fusedpeft_C" (the Python custom ops in
+// fusedpeft/ops own the "fusedpeft" namespace; these are the kernels they call through
+// fusedpeft/cpp_backend). CPU implementations: csrc/cpu/*.cpp; CUDA: csrc/cuda/ops_cuda.cpp.
+// All ops are functional except ce_loss_and_grad_, which overwrites its logits with the gradient.
+// "compute dtype" below = float64 for float64 inputs, else float32.
+#include <torch/extension.h>
+
+TORCH_LIBRARY(fusedpeft_C, m) {
+  // logits [N, V] (fp16/bf16/fp32/fp64), labels [N] int64, row_scale [N] compute dtype ->
+  // (l_t [N], lse [N]) compute dtype, both 0 on rows with row_scale == 0. softcap <= 0: none.
+  m.def("ce_forward(Tensor logits, Tensor labels, Tensor row_scale, float label_smoothing, float z_loss, "
+        "float softcap) -> (Tensor, Tensor)");
+  // -> d(sum_t scale_t l_t)/d logits [N, V] in logits' dtype (zero rows where scale == 0).
+  m.def("ce_backward(Tensor logits, Tensor labels, Tensor scale, Tensor lse, float label_smoothing, "
+        "float z_loss, float softcap) -> Tensor");
+  // logits <- d(sum_t scale_t l_t)/d logits in place; returns l_t [N] (compute dtype).
+  m.def("ce_loss_and_grad_(Tensor(a!) logits, Tensor labels, Tensor scale, float label_smoothing, "
+        "float z_loss, float softcap) -> Tensor");
+  // x [N, K], lora_A [r, K] -> S = dropout(x) @ A^T [N, r] in x's dtype (SPEC §5 mask in-kernel).
+  m.def("lora_shrink(Tensor x, Tensor lora_A, float dropout_p, int seed) -> Tensor");
+  // grad_S [N, r] -> (dropout'(grad_S @ A) [N, K] in x's dtype, grad_S^T @ dropout(x) [r, K]
+  // compute dtype); an output not asked for is empty [0].
+  m.def("lora_shrink_backward(Tensor x, Tensor grad_S, Tensor lora_A, float dropout_p, int seed, "
+        "bool need_x, bool need_A) -> (Tensor, Tensor)");
+  // x [N, K] -> z: types 1-4 [N, R] (compress of dropout(x)); type 6 [N, n R] (rotated chunks of
+  // the wrap-padded dropout(x)), compute dtype. cos, sin [n, R] fp32 (type 6 only).
+  m.def("mora_compress(Tensor x, int r_hat, int mora_type, float dropout_p, int seed, Tensor? cos, "
+        "Tensor? sin) -> Tensor");
+  // adjoint of mora_compress: grad_z -> grad_x [N, in_features] in dtype.
+  m.def("mora_compress_backward(Tensor grad_z, int in_features, int r_hat, int mora_type, float dropout_p, "
+        "int seed, Tensor? cos, Tensor? sin, ScalarType dtype) -> Tensor");
+  // y_slots [N, R] (types 1-4) or [N, n R] (type 6) -> bias + decompress(y_slots) [N, D] in dtype.
+  m.def("mora_decompress(Tensor y_slots, int out_features, int r_hat, int mora_type, Tensor? bias, "
+        "ScalarType dtype) -> Tensor");
+  // adjoint of mora_decompress: grad_y [N, D] -> [N, R] or [N, n R], compute dtype.
+  m.def("mora_decompress_backward(Tensor grad_y, int r_hat, int mora_type, int n_chunks) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "fusedpeft._C: registers the torch.ops.fusedpeft_C kernels (CPU, and CUDA when built)";
+  module.attr("built_with_cuda") =
+#ifdef FUSEDPEFT_WITH_CUDA
+      true;
+#else
+      false;
+#endif
+}
