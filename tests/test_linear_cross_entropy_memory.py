@@ -65,7 +65,8 @@ def test_cpu_peak_within_chunk_budget(backend, trainable, chunks_alive):
     eager()
     fused_peak = cpu_peak_extra_bytes(fused)
     eager_peak = cpu_peak_extra_bytes(eager)
-    bound = chunks_alive * budget + _output_bytes(hidden, weight) + 64 * rows + 64 * 1024
+    # outputs twice: the gradients computed in the forward, and their copy scaled by the incoming gradient
+    bound = chunks_alive * budget + 2 * _output_bytes(hidden, weight) + 64 * rows + 64 * 1024
     assert eager_peak >= 2 * logits_bytes, f"eager peak {eager_peak} should hold logits and their gradient"
     assert fused_peak <= bound, f"{backend}: peak {fused_peak} B > {chunks_alive} x chunk budget {budget} + outputs"
     assert fused_peak <= 0.5 * eager_peak

@@ -157,21 +157,13 @@ def _lce_setup_context(ctx, inputs, output):
                        backend)
 
 
-def _scaled_by(ctx, grad: Tensor, grad_loss: Tensor) -> Tensor:
-    """grad (computed in the forward) times the incoming scalar gradient. Eagerly the saved tensor
-    is scaled in place, so no second copy of grad_weight ([V, H]) exists; autograd's version
-    counter then refuses a second backward through the same graph. Under torch.compile: out of place."""
-    if not getattr(ctx, "eager", False):
-        return (grad * grad_loss).to(grad.dtype)
-    return grad.mul_(grad_loss.to(grad.dtype))
-
-
 def _lce_backward(ctx, grad_loss, *unused):
     if grad_loss is None:
         return (None,) * 14
     if ctx.reduce:
         grads = [maybe(g) for g in ctx.saved_tensors]
-        grads = [None if g is None else _scaled_by(ctx, g, grad_loss) for g in grads]
+        # out of place: the graph may be run backward again (retain_graph, gradcheck)
+        grads = [None if g is None else (g * grad_loss).to(g.dtype) for g in grads]
     else:
         hidden, weight, bias, labels, row_scale = ctx.saved_tensors
         grads = [maybe(g) for g in run_backward(
