@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fusedpeft as fp
+from fusedpeft.backends import unavailable_reason
 from fusedpeft.kernels._common import interpreting
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,12 +52,18 @@ def _output_bytes(hidden, weight):
 @pytest.mark.parametrize("backend,trainable,chunks_alive", [
     ("torch", False, 1),
     ("torch", True, 1),
+    pytest.param("cpu", False, 1, marks=pytest.mark.skipif(
+        unavailable_reason("cpu", "cross_entropy", torch.device("cpu")) is not None,
+        reason="the C++ extension is not built")),
+    pytest.param("cpu", True, 1, marks=pytest.mark.skipif(
+        unavailable_reason("cpu", "cross_entropy", torch.device("cpu")) is not None,
+        reason="the C++ extension is not built")),
     # The interpreter launches on a host copy of every tensor argument: one more chunk alive.
     pytest.param("triton", False, 2, marks=pytest.mark.skipif(
         not interpreting(), reason="Triton on CPU tensors needs the interpreter (the gpu test covers CUDA)")),
 ])
 def test_cpu_peak_within_chunk_budget(backend, trainable, chunks_alive):
-    rows, vocab = (512, 4000) if backend == "torch" else (36, 3000)  # the interpreter is slow
+    rows, vocab = (36, 3000) if backend == "triton" else (512, 4000)  # the interpreter is slow
     hidden, weight, labels = _problem(rows, 64, vocab, torch.float32, "cpu", trainable)
     logits_bytes = rows * vocab * 4
     budget = logits_bytes // 4

@@ -77,6 +77,7 @@ def linear_cross_entropy_pass(hidden, weight, bias, labels, scale, label_smoothi
         if not with_grad:
             rows_loss, _ = _ops.ce_forward(logits, rows_labels, rows_scale, label_smoothing, z_loss, _cap(softcap))
             loss_rows.index_copy_(0, idx, rows_loss)
+            del logits  # before the next chunk's logits exist: one chunk alive at a time
             continue
         z = logits.to(acc)
         del logits
@@ -88,6 +89,7 @@ def linear_cross_entropy_pass(hidden, weight, bias, labels, scale, label_smoothi
             grad_weight.addmm_(z.t(), h.to(acc))
         if need_hidden:
             grad_hidden.index_copy_(0, idx, z.to(hidden.dtype) @ weight)
+        del z
     return (loss_rows, grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype))

@@ -4,7 +4,8 @@ Same API as fusedpeft.torch_backend.mora. Two strategies, chosen as on the torch
 (torch_backend.mora.choose_strategy):
 - "merged" (dropout off, fp32/fp64, many rows): y = x @ (W + ΔW)^T and dX = dY @ (W + ΔW),
   W + ΔW built in one pass over W (torch_backend.mora.merged_weight), so the forward and dX cost
-  the base GEMMs alone; dM = decompress^T(dY)^T @ compress(x) by the kernels below.
+  the base GEMMs alone; dM = decompress^T(dY)^T @ compress(x) by the kernels below (type 6
+  without dropout: R x R products of column blocks, rotated afterwards, as on the torch path).
 - "explicit": z = compress(dropout(x)) (fusedpeft_C::mora_compress: [N, R] for types 1-4, the
   rotated chunks [N, n R] for type 6, mask generated in-kernel), y_slots = z @ M^T (ATen; type 6
   as [N n, R] rows), y = bias + decompress(y_slots) (fusedpeft_C::mora_decompress), then
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 import fusedpeft._C  # noqa: F401  (registers torch.ops.fusedpeft_C)
 from fusedpeft.cpp_backend import seed_value, unavailable_reason  # noqa: F401  (read by fusedpeft.backends)
-from fusedpeft.torch_backend.mora import choose_strategy, geometry, merged_weight
+from fusedpeft.torch_backend.mora import adapter_weight_grad, choose_strategy, geometry, merged_weight
 from fusedpeft.torch_backend.mora_maps import MoraGeometry, rope_tables
 
 _ops = torch.ops.fusedpeft_C
@@ -65,8 +66,15 @@ def mora_backward(grad_y, x, weight, M, mora_type: int, dropout_p: float, seed, 
     g = geometry(weight, M, mora_type)
     grad_y = grad_y.to(x.dtype).contiguous()
     strategy = strategy or choose_strategy(x, dropout_p)
-    h = _decompress_transpose(grad_y, g) if need_M or (need_x and strategy != "merged") else None
-    grad_M = (h.t() @ _compress(x, g, dropout_p, seed)).to(M.dtype) if need_M else None
+    # type 6 without dropout: dM from R x R products of column blocks of x and dY, rotated after
+    # the product (torch backend), instead of the rotated copy of x the compress kernel builds
+    rotate_products = mora_type == 6 and dropout_p == 0.0
+    explicit_dx = need_x and strategy != "merged"
+    h = _decompress_transpose(grad_y, g) if explicit_dx or (need_M and not rotate_products) else None
+    grad_M = None
+    if need_M:
+        grad_M = (adapter_weight_grad(x, grad_y, g) if rotate_products
+                  else h.t() @ _compress(x, g, dropout_p, seed)).to(M.dtype)
     if not need_x:
         return None, grad_M
     if strategy == "merged":

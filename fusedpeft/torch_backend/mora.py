@@ -89,7 +89,7 @@ def _adapter_input_grad_add_(out: torch.Tensor, grad_y: torch.Tensor, M_x: torch
         chunk_input_add_(out, chunk_output_grad(grad_y, i, g) @ M_x[i], i, g)
 
 
-def _adapter_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, g: MoraGeometry) -> torch.Tensor:
+def adapter_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, g: MoraGeometry) -> torch.Tensor:
     """dM [R, R] in fp32 (fp64 for fp64 inputs) from the branch input x [N, K] and grad_y [N, D]."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if g.mora_type != 6:
@@ -136,7 +136,7 @@ def mora_backward(grad_y, x, weight, M, mora_type: int, dropout_p: float, seed, 
     if strategy == "merged":
         grad_x = grad_y @ merged_weight(weight, M, g) if need_x else None
         if need_M:
-            grad_M = _adapter_weight_grad(x, grad_y, g).to(M.dtype)
+            grad_M = adapter_weight_grad(x, grad_y, g).to(M.dtype)
         return grad_x, grad_M
     grad_x = grad_y @ weight if need_x else None
     M_x = _m_in(x.dtype, M, g)
@@ -145,7 +145,7 @@ def mora_backward(grad_y, x, weight, M, mora_type: int, dropout_p: float, seed, 
         acc = torch.zeros(M.shape, dtype=acc_dtype, device=x.device) if need_M else None
         for rows, multiplier, x_dropped in dropped_blocks(x, dropout_p, seed):
             if need_M:
-                acc += _adapter_weight_grad(x_dropped, grad_y[rows], g)
+                acc += adapter_weight_grad(x_dropped, grad_y[rows], g)
             if need_x:
                 branch = torch.zeros_like(x_dropped)
                 _adapter_input_grad_add_(branch, grad_y[rows], M_x, g)
@@ -153,7 +153,7 @@ def mora_backward(grad_y, x, weight, M, mora_type: int, dropout_p: float, seed, 
         grad_M = acc.to(M.dtype) if need_M else None
     else:
         if need_M:
-            grad_M = _adapter_weight_grad(x, grad_y, g).to(M.dtype)
+            grad_M = adapter_weight_grad(x, grad_y, g).to(M.dtype)
         if need_x:
             _adapter_input_grad_add_(grad_x, grad_y, M_x, g)
     return grad_x, grad_M
