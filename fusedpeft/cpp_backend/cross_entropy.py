@@ -13,7 +13,13 @@ import torch
 
 import fusedpeft._C  # noqa: F401  (registers torch.ops.fusedpeft_C)
 from fusedpeft.cpp_backend import unavailable_reason  # noqa: F401  (read by fusedpeft.backends)
-from fusedpeft.torch_backend.cross_entropy import accumulation_dtype, active_rows, rows_per_chunk
+from fusedpeft.torch_backend.cross_entropy import (
+    accumulation_dtype,
+    active_rows,
+    backward_by_chunks,
+    forward_by_chunks,
+    rows_per_chunk,
+)
 
 _ops = torch.ops.fusedpeft_C
 
@@ -95,27 +101,11 @@ def linear_cross_entropy_pass(hidden, weight, bias, labels, scale, label_smoothi
             None if grad_bias is None else grad_bias.to(bias.dtype))
 
 
-def linear_cross_entropy_forward(hidden, weight, bias, labels, row_scale, reduce: bool, label_smoothing: float,
-                                 z_loss: float, softcap: float | None, chunk_budget_bytes: int, need_hidden: bool,
-                                 need_weight: bool, need_bias: bool):
-    """hidden [N, H], weight [V, H], bias [V] | None, labels [N], row_scale [N] ->
-    (loss: 0-dim if reduce else [N], grad_hidden | None, grad_weight | None, grad_bias | None).
-
-    With reduce, the gradients are computed in the same pass as the loss (scaled in backward).
-    """
-    precompute = reduce and (need_hidden or need_weight or need_bias)
-    loss_rows, *grads = linear_cross_entropy_pass(
-        hidden, weight, bias, labels, row_scale, label_smoothing, z_loss, softcap, chunk_budget_bytes,
-        need_hidden and precompute, need_weight and precompute, need_bias and precompute)
-    weighted = loss_rows * row_scale.to(loss_rows.dtype)
-    return (weighted.sum() if reduce else weighted), *grads
+def linear_cross_entropy_forward(*args):
+    """torch_backend.cross_entropy.forward_by_chunks with this module's pass (same arguments)."""
+    return forward_by_chunks(linear_cross_entropy_pass, *args)
 
 
-def linear_cross_entropy_backward(grad_loss, hidden, weight, bias, labels, row_scale, label_smoothing: float,
-                                  z_loss: float, softcap: float | None, chunk_budget_bytes: int, need_hidden: bool,
-                                  need_weight: bool, need_bias: bool):
-    """grad_loss [N] (reduction "none") -> (grad_hidden | None, grad_weight | None, grad_bias | None)."""
-    scale = row_scale.to(accumulation_dtype(hidden.dtype)) * grad_loss
-    _, *grads = linear_cross_entropy_pass(hidden, weight, bias, labels, scale, label_smoothing, z_loss, softcap,
-                                          chunk_budget_bytes, need_hidden, need_weight, need_bias)
-    return grads
+def linear_cross_entropy_backward(*args):
+    """torch_backend.cross_entropy.backward_by_chunks with this module's pass (same arguments)."""
+    return backward_by_chunks(linear_cross_entropy_pass, *args)

@@ -170,27 +170,40 @@ def linear_cross_entropy_pass(hidden, weight, bias, labels, scale, label_smoothi
             None if grad_bias is None else grad_bias.to(bias.dtype))
 
 
-def linear_cross_entropy_forward(hidden, weight, bias, labels, row_scale, reduce: bool, label_smoothing: float,
-                                 z_loss: float, softcap: float | None, chunk_budget_bytes: int, need_hidden: bool,
-                                 need_weight: bool, need_bias: bool):
-    """-> (loss: 0-dim if reduce else [N], grad_hidden | None, grad_weight | None, grad_bias | None).
+def forward_by_chunks(run_pass, hidden, weight, bias, labels, row_scale, reduce: bool, label_smoothing: float,
+                      z_loss: float, softcap: float | None, chunk_budget_bytes: int, need_hidden: bool,
+                      need_weight: bool, need_bias: bool):
+    """linear_cross_entropy_forward on top of a chunked pass with linear_cross_entropy_pass's arguments.
 
-    With reduce, the incoming gradient is one scalar, so the gradients are computed here, in the
-    same pass as the loss, and only scaled in backward. Without reduce they are left to backward.
+    hidden [N, H], weight [V, H], bias [V] | None, labels [N], row_scale [N] -> (loss: 0-dim if
+    reduce else [N], grad_hidden | None, grad_weight | None, grad_bias | None). With reduce, the
+    incoming gradient is one scalar, so the gradients are computed here, in the same pass as the
+    loss, and only scaled in backward. Without reduce they are left to backward.
     """
     precompute = reduce and (need_hidden or need_weight or need_bias)
-    loss_rows, *grads = linear_cross_entropy_pass(
+    loss_rows, *grads = run_pass(
         hidden, weight, bias, labels, row_scale, label_smoothing, z_loss, softcap, chunk_budget_bytes,
         need_hidden and precompute, need_weight and precompute, need_bias and precompute)
     weighted = loss_rows * row_scale.to(loss_rows.dtype)
     return (weighted.sum() if reduce else weighted), *grads
 
 
-def linear_cross_entropy_backward(grad_loss, hidden, weight, bias, labels, row_scale, label_smoothing: float,
-                                  z_loss: float, softcap: float | None, chunk_budget_bytes: int, need_hidden: bool,
-                                  need_weight: bool, need_bias: bool):
-    """grad_loss [N] (reduction "none") -> (grad_hidden | None, grad_weight | None, grad_bias | None)."""
+def backward_by_chunks(run_pass, grad_loss, hidden, weight, bias, labels, row_scale, label_smoothing: float,
+                       z_loss: float, softcap: float | None, chunk_budget_bytes: int, need_hidden: bool,
+                       need_weight: bool, need_bias: bool):
+    """grad_loss [N] (reduction "none") -> (grad_hidden | None, grad_weight | None, grad_bias | None),
+    recomputed by ``run_pass`` with grad_loss folded into the row scale."""
     scale = row_scale.to(accumulation_dtype(hidden.dtype)) * grad_loss
-    _, *grads = linear_cross_entropy_pass(hidden, weight, bias, labels, scale, label_smoothing, z_loss, softcap,
-                                          chunk_budget_bytes, need_hidden, need_weight, need_bias)
+    _, *grads = run_pass(hidden, weight, bias, labels, scale, label_smoothing, z_loss, softcap, chunk_budget_bytes,
+                         need_hidden, need_weight, need_bias)
     return grads
+
+
+def linear_cross_entropy_forward(*args):
+    """forward_by_chunks with this module's pass (same arguments after run_pass)."""
+    return forward_by_chunks(linear_cross_entropy_pass, *args)
+
+
+def linear_cross_entropy_backward(*args):
+    """backward_by_chunks with this module's pass (same arguments after run_pass)."""
+    return backward_by_chunks(linear_cross_entropy_pass, *args)
