@@ -16,6 +16,7 @@ import torch
 
 import fusedpeft._C  # noqa: F401  (registers torch.ops.fusedpeft_C)
 from fusedpeft.cpp_backend import seed_value, unavailable_reason  # noqa: F401  (read by fusedpeft.backends)
+from fusedpeft.torch_backend.lora import expand_onto_base, lora_B_grad
 
 _ops = torch.ops.fusedpeft_C
 
@@ -29,10 +30,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: flo
         S = _ops.lora_shrink(x, lora_A, dropout_p, seed_value(seed, dropout_p))
     else:
         S = x @ lora_A.to(x.dtype).t()
-    B_scaled = (lora_B * scaling).to(x.dtype)
-    y = S @ B_scaled.t() if bias is None else torch.addmm(bias, S, B_scaled.t())
-    y.addmm_(x, weight.t())
-    return y, S
+    return expand_onto_base(S, x, weight, bias, lora_B, scaling), S
 
 
 def lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling: float, dropout_p: float, seed,
@@ -43,7 +41,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling: float, dropout_
     """
     grad_y = grad_y.to(x.dtype)
     grad_S = grad_y @ (lora_B * scaling).to(x.dtype) if (need_x or need_A) else None
-    grad_B = torch.mm(S.t(), grad_y).t().contiguous().to(lora_B.dtype).mul_(scaling) if need_B else None
+    grad_B = lora_B_grad(S, grad_y, lora_B, scaling) if need_B else None
     grad_x = grad_A = None
     if dropout_p > 0.0:
         if need_x or need_A:

@@ -30,10 +30,20 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: flo
             torch.mm(x_dropped, A.t(), out=S[rows])
     else:
         S = x @ A.t()
+    return expand_onto_base(S, x, weight, bias, lora_B, scaling), S
+
+
+def expand_onto_base(S, x, weight, bias, lora_B, scaling: float) -> torch.Tensor:
+    """y [N, D] = bias + scaling * S @ B^T, then y += x @ W^T as the base GEMM's beta=1 accumulation."""
     B_scaled = (lora_B * scaling).to(x.dtype)
     y = S @ B_scaled.t() if bias is None else torch.addmm(bias, S, B_scaled.t())
-    y.addmm_(x, weight.t())
-    return y, S
+    return y.addmm_(x, weight.t())
+
+
+def lora_B_grad(S, grad_y, lora_B, scaling: float) -> torch.Tensor:
+    """dB [D, r] = scaling * dY^T @ S in lora_B's dtype, computed as (S^T dY)^T: the same product,
+    measured ~1.6x faster with MKL on CPU."""
+    return torch.mm(S.t(), grad_y).t().contiguous().to(lora_B.dtype).mul_(scaling)
 
 
 def lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling: float, dropout_p: float, seed,
@@ -45,8 +55,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling: float, dropout_
     grad_y = grad_y.to(x.dtype)
     A = lora_A.to(x.dtype)
     grad_S = grad_y @ (lora_B * scaling).to(x.dtype) if (need_x or need_A) else None
-    # (S^T dY)^T rather than dY^T S: the same product, measured ~1.6x faster with MKL on CPU
-    grad_B = torch.mm(S.t(), grad_y).t().contiguous().to(lora_B.dtype).mul_(scaling) if need_B else None
+    grad_B = lora_B_grad(S, grad_y, lora_B, scaling) if need_B else None
     grad_A = None
     if dropout_p > 0.0:
         grad_x = grad_y @ weight if need_x else None
