@@ -115,12 +115,17 @@ def _swap_in(where: str, model: nn.Module, target_modules, make) -> nn.Module:
     model.requires_grad_(False)
     for name, adapter in built:
         _set_submodule(model, name, adapter)
+    unfreeze_adapters(model)
+    return model
+
+
+def unfreeze_adapters(model: nn.Module) -> None:
+    """requires_grad on every adapter parameter of the model's fused layers (never their base layer)."""
     for module in model.modules():
         if isinstance(module, AdapterLinear):
             for pname, param in module.named_parameters():
                 if not pname.startswith("base_layer."):
                     param.requires_grad_(True)
-    return model
 
 
 def apply_lora(model: nn.Module, target_modules=None, r: int = 8, alpha: float = 8.0, dropout: float = 0.0,

@@ -27,7 +27,7 @@ from torch import nn
 from fusedpeft.fused._adapter import AdapterLinear
 from fusedpeft.fused.lora import LoRALinear
 from fusedpeft.fused.mora import MoRALinear, _checked_r_hat
-from fusedpeft.integrations.models import _set_submodule
+from fusedpeft.integrations.models import _set_submodule, unfreeze_adapters
 from fusedpeft.reference import MORA_TYPES, lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
@@ -363,9 +363,5 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             layer.scaling = lora_scaling(layer.r, setting, rslora)
         if new is not None:
             _set_submodule(model, name, new)
-    for module in model.modules():
-        if isinstance(module, AdapterLinear):
-            for pname, param in module.named_parameters():
-                if not pname.startswith("base_layer."):
-                    param.requires_grad_(True)
+    unfreeze_adapters(model)
     return model
