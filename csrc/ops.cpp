@@ -5,6 +5,8 @@
 // "compute dtype" below = float64 for float64 inputs, else float32.
 #include <torch/extension.h>
 
+#include "cpu/vec.h"
+
 TORCH_LIBRARY(fusedpeft_C, m) {
   // logits [N, V] (fp16/bf16/fp32/fp64), labels [N] int64, row_scale [N] compute dtype ->
   // (l_t [N], lse [N]) compute dtype, both 0 on rows with row_scale == 0. softcap <= 0: none.
@@ -44,4 +46,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 #else
       false;
 #endif
+  module.def("philox_isa", &fusedpeft::cpu::philox_keep_isa,
+             "instruction set of the CPU dropout-mask generator: avx512, avx2 or scalar");
+  module.def(
+      "philox_keep",
+      [](at::Tensor keep, int64_t seed, double p, int64_t first_offset) {
+        TORCH_CHECK(keep.device().is_cpu() && keep.scalar_type() == at::kByte && keep.is_contiguous(),
+                    "philox_keep: keep must be a contiguous uint8 CPU tensor, got ", keep.scalar_type(), " on ",
+                    keep.device());
+        const uint64_t s = static_cast<uint64_t>(seed);
+        fusedpeft::cpu::philox_keep(keep.data_ptr<uint8_t>(), static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32),
+                                    static_cast<float>(p), static_cast<uint32_t>(first_offset), keep.numel());
+      },
+      "keep[j] = tl.rand(seed, first_offset + j mod 2^32) >= p, in place (for tests)");
 }

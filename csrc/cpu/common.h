@@ -44,6 +44,19 @@ inline void block_ce_grad(const double* z, double* g, int64_t n, double lse, dou
   for (int64_t j = 0; j < n; ++j) g[j] = std::exp(z[j] - lse) * c1 - c0;
 }
 
+// out[j] = in[j] * keep[j] / (1 - p): a dropout mask applied, NaN kept where the reference keeps it
+// (it multiplies by the 0/1 mask rather than selecting).
+template <typename in_t, typename out_t, typename acc_t>
+inline void apply_keep(const in_t* in, out_t* out, const uint8_t* keep, acc_t keep_scale, int64_t n) {
+  if constexpr (std::is_same_v<in_t, float> && std::is_same_v<out_t, float>) {
+    apply_keep_f32(in, out, keep, keep_scale, n);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] = static_cast<out_t>(static_cast<acc_t>(in[j]) * (keep[j] ? keep_scale : acc_t(0)));
+  }
+}
+
 // out[j] = dropout(x)[row, col0 + j] for j < n in the compute dtype; keep is scratch of n bytes.
 template <typename scalar_t, typename acc_t>
 inline void dropped_row(const scalar_t* x, acc_t* out, uint8_t* keep, const DropoutParams& d, int64_t row,
@@ -53,8 +66,7 @@ inline void dropped_row(const scalar_t* x, acc_t* out, uint8_t* keep, const Drop
     return;
   }
   philox_keep(keep, d.k0, d.k1, d.p, dropout_offset(row, n_cols, col0), n);
-  const acc_t scale = static_cast<acc_t>(d.keep_scale);
-  for (int64_t j = 0; j < n; ++j) out[j] = keep[j] ? static_cast<acc_t>(x[j]) * scale : acc_t(0);
+  apply_keep(x, out, keep, static_cast<acc_t>(d.keep_scale), n);
 }
 
 // Rows per parallel task so that a task handles about `work` elements.

@@ -165,7 +165,7 @@ at::Tensor mora_compress_backward(const at::Tensor& gz_in, int64_t in_features, 
         scalar_t* o = out + m * K;
         if (d.active) {
           philox_keep(keep.data(), d.k0, d.k1, d.p, dropout_offset(m, K, 0), K);
-          for (int64_t k = 0; k < K; ++k) o[k] = static_cast<scalar_t>(keep[k] ? ge[k] * scale : acc_t(0));
+          apply_keep(ge.data(), o, keep.data(), scale, K);
         } else {
           for (int64_t k = 0; k < K; ++k) o[k] = static_cast<scalar_t>(ge[k]);
         }

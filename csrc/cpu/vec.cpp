@@ -7,7 +7,6 @@
 #include <cmath>
 #include <cstring>
 
-#include "../philox.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FP_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -39,13 +38,6 @@ inline float fast_exp(float x) {
 
 }  // namespace
 
-FP_MULTIVERSION void philox_keep(uint8_t* keep, uint32_t k0, uint32_t k1, float p, uint32_t first_offset,
-                                 int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    keep[j] = philox_uniform(k0, k1, first_offset + static_cast<uint32_t>(j)) >= p;
-  }
-}
-
 FP_MULTIVERSION float max_f32(const float* x, int64_t n) {
   float m = -INFINITY;
 #pragma omp simd reduction(max : m)
@@ -70,6 +62,11 @@ FP_MULTIVERSION float expsum_f32(const float* x, int64_t n, float shift) {
 FP_MULTIVERSION void ce_grad_f32(const float* z, float* g, int64_t n, float lse, float c1, float c0) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) g[j] = fast_exp(z[j] - lse) * c1 - c0;
+}
+
+FP_MULTIVERSION void apply_keep_f32(const float* in, float* out, const uint8_t* keep, float keep_scale, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = in[j] * (keep[j] ? keep_scale : 0.0f);
 }
 
 }  // namespace fusedpeft::cpu

@@ -7,12 +7,18 @@
 
 namespace fusedpeft::cpu {
 
-// keep[j] = (tl.rand(seed, first_offset + j) >= p) for j < n (offsets wrap modulo 2^32).
+// keep[j] = (tl.rand(seed, first_offset + j) >= p) for j < n (offsets wrap modulo 2^32), with
+// seed = k0 | k1 << 32. Defined in philox_keep.cpp, vectorised by hand (AVX-512 or AVX2, chosen
+// at first call; FUSEDPEFT_CPU_ISA=avx2|scalar caps the choice, for tests).
 void philox_keep(uint8_t* keep, uint32_t k0, uint32_t k1, float p, uint32_t first_offset, int64_t n);
+// The instruction set philox_keep uses: "avx512", "avx2" or "scalar".
+const char* philox_keep_isa();
 float max_f32(const float* x, int64_t n);
 float sum_f32(const float* x, int64_t n);
 // sum_j exp(x[j] - shift)
 float expsum_f32(const float* x, int64_t n, float shift);
+// out[j] = in[j] * (keep[j] ? keep_scale : 0); out may alias in.
+void apply_keep_f32(const float* in, float* out, const uint8_t* keep, float keep_scale, int64_t n);
 // g[j] = exp(z[j] - lse) * c1 - c0; g may alias z.
 void ce_grad_f32(const float* z, float* g, int64_t n, float lse, float c1, float c0);
 
