@@ -36,6 +36,10 @@ TORCH_LIBRARY(fusedpeft_C, m) {
         "ScalarType dtype) -> Tensor");
   // adjoint of mora_decompress: grad_y [N, D] -> [N, R] or [N, n R], compute dtype.
   m.def("mora_decompress_backward(Tensor grad_y, int r_hat, int mora_type, int n_chunks) -> Tensor");
+  // CPU only, type 6 without dropout (csrc/cpu/mora_rope.cpp): weight [D, K] + ΔW(M) in weight's
+  // dtype, and dM [R, R] (compute dtype) from x [N, K] and grad_y [N, D]; cos, sin [n, R] fp32.
+  m.def("mora_rope_merge(Tensor weight, Tensor M, int r_hat, Tensor cos, Tensor sin) -> Tensor");
+  m.def("mora_rope_weight_grad(Tensor x, Tensor grad_y, int r_hat, Tensor cos, Tensor sin) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

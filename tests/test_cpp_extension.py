@@ -254,6 +254,35 @@ def test_mora_matches_reference(mora_type, dtype, atol, strategy, k, d, r_hat, d
         assert_within(g, g64, gb, atol, f"grad_{name}")
 
 
+@pytest.mark.parametrize("k,d,r_hat", [(1024, 1024, 128), (33, 65, 8), (30, 7, 6), (90, 300, 14)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_mora_type6_merge_and_weight_grad_match_reference(k, d, r_hat, dtype):
+    """The merged-strategy pieces of type 6 on their own: W + ΔW and dM, against autograd of the
+    float64 reference (wrap padding, tiled chunks (n R < D) and truncated ones (n R > D))."""
+    from fusedpeft.torch_backend.mora_maps import rope_tables
+
+    n_chunks = -(-k // r_hat)
+    cos, sin = rope_tables(r_hat, n_chunks, torch.device("cpu"))
+    weight, x, grad_y = (torch.randn(*shape).to(dtype) for shape in ((d, k), (37, k), (37, d)))
+    M = torch.randn(r_hat, r_hat, dtype=torch.float64) / 4
+    M64 = M.clone().requires_grad_()
+    y_branch = ref.mora_linear(x.double(), torch.zeros(d, k, dtype=torch.float64), None, M64, 6, 0.0, None)
+    (grad_M64,) = torch.autograd.grad(y_branch, M64, grad_y.double())
+    delta64 = ref.mora_linear(torch.eye(k, dtype=torch.float64), torch.zeros(d, k, dtype=torch.float64), None, M, 6,
+                              0.0, None).t()  # ΔW [D, K]: the branch applied to the unit vectors
+
+    merged = ops.mora_rope_merge(weight, M.to(torch.float32 if dtype == torch.bfloat16 else dtype), r_hat, cos, sin)
+    assert merged.dtype == dtype
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(merged.double(), weight.double() + delta64, atol=tol * (1 + delta64.abs().max()),
+                               rtol=tol)
+    grad_M = ops.mora_rope_weight_grad(x, grad_y, r_hat, cos, sin)
+    assert grad_M.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    scale = float(grad_M64.abs().max())
+    assert float((grad_M.double() - grad_M64).abs().max()) <= {torch.float64: 1e-12, torch.float32: 1e-5,
+                                                               torch.bfloat16: 1e-5}[dtype] * scale
+
+
 # ----------------------------------------------------------------------------------- argument errors
 
 
@@ -292,6 +321,15 @@ def test_errors_name_the_argument():
         ops.mora_decompress(torch.randn(3, 5), 9, 4, 1, None, torch.float32)
     with pytest.raises(RuntimeError, match=r"mora_compress_backward: grad_z must have 4 columns for mora_type 1"):
         ops.mora_compress_backward(torch.randn(3, 5), 8, 4, 1, 0.0, 0, None, None, torch.float32)
+    cos, sin = torch.ones(2, 4), torch.zeros(2, 4)
+    with pytest.raises(RuntimeError, match=r"mora_rope_merge: M must have shape \[4, 4\], got shape \[4, 3\]"):
+        ops.mora_rope_merge(torch.randn(6, 8), torch.randn(4, 3), 4, cos, sin)
+    with pytest.raises(RuntimeError, match=r"mora_rope_merge: r_hat must be even for mora_type 6, got 3"):
+        ops.mora_rope_merge(torch.randn(6, 8), torch.randn(3, 3), 3, cos, sin)
+    with pytest.raises(RuntimeError, match=r"mora_rope_weight_grad: cos must have shape \[2, 4\], got shape \[3, 4\]"):
+        ops.mora_rope_weight_grad(torch.randn(5, 8), torch.randn(5, 6), 4, torch.ones(3, 4), sin)
+    with pytest.raises(RuntimeError, match=r"mora_rope_weight_grad: grad_y must have 5 rows like x, got shape \[4, 6\]"):
+        ops.mora_rope_weight_grad(torch.randn(5, 8), torch.randn(4, 6), 4, cos, sin)
 
 
 # ----------------------------------------------------------------------------------- GPU (gpu_check.sh)

@@ -12,14 +12,17 @@ import torch
 
 OP_NAMES = ("ce_forward", "ce_backward", "ce_loss_and_grad_", "lora_shrink", "lora_shrink_backward",
             "mora_compress", "mora_compress_backward", "mora_decompress", "mora_decompress_backward")
+# CPU-only helpers of the CPU backend (the CUDA path keeps these steps in ATen / Triton)
+CPU_ONLY_OP_NAMES = ("mora_rope_merge", "mora_rope_weight_grad")
 
 
 def has_kernels_for(dispatch_key: str) -> bool:
     """True when every op of the extension has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
     import fusedpeft._C  # noqa: F401  (registers the ops)
 
+    names = OP_NAMES + CPU_ONLY_OP_NAMES if dispatch_key == "CPU" else OP_NAMES
     return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedpeft_C::{name}", dispatch_key)
-               for name in OP_NAMES)
+               for name in names)
 
 
 def unavailable_reason(device: torch.device) -> str | None:

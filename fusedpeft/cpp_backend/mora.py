@@ -3,9 +3,10 @@
 Same API as fusedpeft.torch_backend.mora. Two strategies, chosen as on the torch path
 (torch_backend.mora.choose_strategy):
 - "merged" (dropout off, fp32/fp64, many rows): y = x @ (W + ΔW)^T and dX = dY @ (W + ΔW),
-  W + ΔW built in one pass over W (torch_backend.mora.merged_weight), so the forward and dX cost
-  the base GEMMs alone; dM = decompress^T(dY)^T @ compress(x) by the kernels below (type 6
-  without dropout: R x R products of column blocks, rotated afterwards, as on the torch path).
+  W + ΔW built in one pass over W (type 6 on CPU: fusedpeft_C::mora_rope_merge; else
+  torch_backend.mora.merged_weight), so the forward and dX cost the base GEMMs alone;
+  dM = decompress^T(dY)^T @ compress(x) by the kernels below (type 6 without dropout: R x R
+  products of column blocks, rotated afterwards, by fusedpeft_C::mora_rope_weight_grad on CPU).
 - "explicit": z = compress(dropout(x)) (fusedpeft_C::mora_compress: [N, R] for types 1-4, the
   rotated chunks [N, n R] for type 6, mask generated in-kernel), y_slots = z @ M^T (ATen; type 6
   as [N n, R] rows), y = bias + decompress(y_slots) (fusedpeft_C::mora_decompress), then
@@ -48,12 +49,26 @@ def _decompress_transpose(grad_y, g: MoraGeometry) -> torch.Tensor:
     return _ops.mora_decompress_backward(grad_y, g.r_hat, g.mora_type, g.n_chunks).view(-1, g.r_hat)
 
 
+def _merged_weight(weight, M, g: MoraGeometry) -> torch.Tensor:
+    """W + ΔW [D, K] in weight's dtype (type 6 on CPU: one kernel pass, fusedpeft_C::mora_rope_merge)."""
+    if g.mora_type == 6 and weight.device.type == "cpu":
+        return _ops.mora_rope_merge(weight, M, g.r_hat, *_tables(g, weight.device))
+    return merged_weight(weight, M, g)
+
+
+def _rotated_weight_grad(x, grad_y, g: MoraGeometry) -> torch.Tensor:
+    """dM [R, R] of type 6 without dropout, compute dtype (on CPU: fusedpeft_C::mora_rope_weight_grad)."""
+    if x.device.type == "cpu":
+        return _ops.mora_rope_weight_grad(x, grad_y, g.r_hat, *_tables(g, x.device))
+    return adapter_weight_grad(x, grad_y, g)
+
+
 def mora_forward(x, weight, bias, M, mora_type: int, dropout_p: float, seed, strategy: str | None = None):
     """x [N, K], weight [D, K], bias [D] | None, M [R, R] -> y [N, D] in x's dtype."""
     g = geometry(weight, M, mora_type)
     strategy = strategy or choose_strategy(x, dropout_p)
     if strategy == "merged":
-        return F.linear(x, merged_weight(weight, M, g), bias)
+        return F.linear(x, _merged_weight(weight, M, g), bias)
     n = x.shape[0]
     y_slots = _compress(x, g, dropout_p, seed) @ M.to(_compute_dtype(x.dtype)).t()
     y = _ops.mora_decompress(y_slots.view(n, -1), g.out_features, g.r_hat, mora_type, bias, x.dtype)
@@ -73,12 +88,12 @@ def mora_backward(grad_y, x, weight, M, mora_type: int, dropout_p: float, seed, 
     h = _decompress_transpose(grad_y, g) if explicit_dx or (need_M and not rotate_products) else None
     grad_M = None
     if need_M:
-        grad_M = (adapter_weight_grad(x, grad_y, g) if rotate_products
+        grad_M = (_rotated_weight_grad(x, grad_y, g) if rotate_products
                   else h.t() @ _compress(x, g, dropout_p, seed)).to(M.dtype)
     if not need_x:
         return None, grad_M
     if strategy == "merged":
-        return grad_y @ merged_weight(weight, M, g), grad_M
+        return grad_y @ _merged_weight(weight, M, g), grad_M
     cos, sin = _tables(g, x.device)
     grad_z = (h @ M.to(h.dtype)).view(x.shape[0], -1)
     grad_x = _ops.mora_compress_backward(grad_z, g.in_features, g.r_hat, mora_type, dropout_p,
