@@ -36,6 +36,9 @@ TORCH_LIBRARY(fusedpeft_C, m) {
         "ScalarType dtype) -> Tensor");
   // adjoint of mora_decompress: grad_y [N, D] -> [N, R] or [N, n R], compute dtype.
   m.def("mora_decompress_backward(Tensor grad_y, int r_hat, int mora_type, int n_chunks) -> Tensor");
+  // CPU only: grad_y [N, D], S [N, r], lora_B [D, r] -> (grad_S = scaling grad_y @ lora_B [N, r],
+  // grad_B = scaling grad_y^T @ S [D, r]), both compute dtype, from one pass over grad_y.
+  m.def("lora_expand_backward(Tensor grad_y, Tensor S, Tensor lora_B, float scaling) -> (Tensor, Tensor)");
   // CPU only, type 6 without dropout (csrc/cpu/mora_rope.cpp): weight [D, K] + ΔW(M) in weight's
   // dtype, and dM [R, R] (compute dtype) from x [N, K] and grad_y [N, D]; cos, sin [n, R] fp32.
   m.def("mora_rope_merge(Tensor weight, Tensor M, int r_hat, Tensor cos, Tensor sin) -> Tensor");

@@ -57,12 +57,18 @@ inline void apply_keep(const in_t* in, out_t* out, const uint8_t* keep, acc_t ke
   }
 }
 
-// out[j] = dropout(x)[row, col0 + j] for j < n in the compute dtype; keep is scratch of n bytes.
+// out[j] = dropout(x)[row, col0 + j] for j < n in the compute dtype; keep is scratch of n bytes
+// (unused for float32 x, dropped in the generator's own pass).
 template <typename scalar_t, typename acc_t>
 inline void dropped_row(const scalar_t* x, acc_t* out, uint8_t* keep, const DropoutParams& d, int64_t row,
                         int64_t n_cols, int64_t col0, int64_t n) {
   if (!d.active) {
     for (int64_t j = 0; j < n; ++j) out[j] = static_cast<acc_t>(x[j]);
+    return;
+  }
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    philox_dropout_f32(x, out, nullptr, static_cast<float>(d.keep_scale), d.k0, d.k1, d.p,
+                       dropout_offset(row, n_cols, col0), n);
     return;
   }
   philox_keep(keep, d.k0, d.k1, d.p, dropout_offset(row, n_cols, col0), n);

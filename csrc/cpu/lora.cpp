@@ -39,14 +39,28 @@ struct BlockScratch {
   std::vector<uint8_t> keep;
   BlockScratch(int64_t step, int64_t K, const at::TensorOptions& acc_options)
       : dropped(at::empty({step, K}, acc_options)), keep(step * K) {}
-  // keep[0 : nb K] = the mask of rows m0 .. m0 + nb of an [M, K] input.
+  // keep[0 : nb K] = the mask of rows m0 .. m0 + nb of an [M, K] input (all ones without dropout).
   void make_mask(const DropoutParams& d, int64_t m0, int64_t nb, int64_t K) {
+    if (!d.active) {
+      std::fill(keep.begin(), keep.begin() + nb * K, uint8_t(1));
+      return;
+    }
     philox_keep(keep.data(), d.k0, d.k1, d.p, dropout_offset(m0, K, 0), nb * K);
   }
-  // dropped[0 : nb] = dropout(x)[m0 : m0 + nb] from the mask made by make_mask.
+  // dropped[0 : nb] = dropout(x)[m0 : m0 + nb]; with want_mask, keep[0 : nb K] holds its mask too.
+  // float32 x: one pass of philox_dropout_f32.
   template <typename scalar_t, typename acc_t>
-  at::Tensor drop(const scalar_t* x, const DropoutParams& d, int64_t m0, int64_t nb, int64_t K) {
-    apply_keep(x + m0 * K, dropped.data_ptr<acc_t>(), keep.data(), static_cast<acc_t>(d.keep_scale), nb * K);
+  at::Tensor drop(const scalar_t* x, const DropoutParams& d, int64_t m0, int64_t nb, int64_t K, bool want_mask) {
+    acc_t* out = dropped.data_ptr<acc_t>();
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (d.active) {
+        philox_dropout_f32(x + m0 * K, out, want_mask ? keep.data() : nullptr, static_cast<float>(d.keep_scale), d.k0,
+                           d.k1, d.p, dropout_offset(m0, K, 0), nb * K);
+        return dropped.narrow(0, 0, nb);
+      }
+    }
+    make_mask(d, m0, nb, K);
+    apply_keep(x + m0 * K, out, keep.data(), static_cast<acc_t>(d.keep_scale), nb * K);
     return dropped.narrow(0, 0, nb);
   }
 };
@@ -68,8 +82,7 @@ at::Tensor lora_shrink(const at::Tensor& x_in, const at::Tensor& A_in, double dr
       BlockScratch scratch(step, K, x.options().dtype(acc));
       for (int64_t m0 = row0; m0 < row1; m0 += step) {
         const int64_t nb = std::min(step, row1 - m0);
-        scratch.make_mask(d, m0, nb, K);
-        const auto xd = scratch.drop<scalar_t, acc_t>(x.data_ptr<scalar_t>(), d, m0, nb, K);
+        const auto xd = scratch.drop<scalar_t, acc_t>(x.data_ptr<scalar_t>(), d, m0, nb, K, false);
         auto S_block = S.narrow(0, m0, nb);
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
           at::mm_out(S_block, xd, A_t);
@@ -105,12 +118,11 @@ std::tuple<at::Tensor, at::Tensor> lora_shrink_backward(const at::Tensor& x_in, 
       for (int64_t m0 = row0; m0 < row1; m0 += step) {
         const int64_t nb = std::min(step, row1 - m0);
         const auto gS_block = gS.narrow(0, m0, nb);
-        if (d.active) {
-          scratch.make_mask(d, m0, nb, K);
+        if (need_A) {
+          part.addmm_(gS_block.t(), scratch.drop<scalar_t, acc_t>(x.data_ptr<scalar_t>(), d, m0, nb, K, need_x));
         } else {
-          std::fill(scratch.keep.begin(), scratch.keep.end(), uint8_t(1));
+          scratch.make_mask(d, m0, nb, K);
         }
-        if (need_A) part.addmm_(gS_block.t(), scratch.drop<scalar_t, acc_t>(x.data_ptr<scalar_t>(), d, m0, nb, K));
         if (!need_x) continue;
         auto grad_x_block = grad_x.narrow(0, m0, nb);
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -134,11 +146,55 @@ std::tuple<at::Tensor, at::Tensor> lora_shrink_backward(const at::Tensor& x_in, 
   return {grad_x, grad_A};
 }
 
+std::tuple<at::Tensor, at::Tensor> lora_expand_backward(const at::Tensor& grad_y_in, const at::Tensor& S_in,
+                                                        const at::Tensor& B_in, double scaling) {
+  const char* op = "fusedpeft_C::lora_expand_backward";
+  check_matrix(op, "grad_y", grad_y_in, "[N, D]");
+  check_matrix(op, "S", S_in, "[N, r]");
+  check_matrix(op, "lora_B", B_in, "[D, r]");
+  check_floating(op, "grad_y", grad_y_in);
+  TORCH_CHECK(S_in.size(0) == grad_y_in.size(0), op, ": S must have ", grad_y_in.size(0), " rows like grad_y, got shape ",
+              shape_str(S_in));
+  TORCH_CHECK(B_in.size(0) == grad_y_in.size(1) && B_in.size(1) == S_in.size(1), op, ": lora_B must have shape [",
+              grad_y_in.size(1), ", ", S_in.size(1), "], got shape ", shape_str(B_in));
+  check_device(op, "S", S_in, grad_y_in);
+  check_device(op, "lora_B", B_in, grad_y_in);
+  const auto acc = compute_dtype(grad_y_in.scalar_type());
+  const auto grad_y = grad_y_in.contiguous();
+  const auto S = S_in.to(acc).contiguous();
+  const auto B_scaled = B_in.to(acc).mul(scaling);
+  const int64_t rows = grad_y.size(0), D = grad_y.size(1), r = S.size(1), step = block_rows(D);
+  auto grad_S = at::empty({rows, r}, S.options());
+  std::vector<at::Tensor> partial(at::get_num_threads());  // (S^T dY) per thread [r, D]
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "lora_expand_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    for_block_runs(rows, step, [&](int64_t row0, int64_t row1) {
+      auto part = at::zeros({r, D}, S.options());
+      for (int64_t m0 = row0; m0 < row1; m0 += step) {
+        const int64_t nb = std::min(step, row1 - m0);
+        at::Tensor gy_block = grad_y.narrow(0, m0, nb);
+        if constexpr (!std::is_same_v<scalar_t, acc_t>) gy_block = gy_block.to(S.scalar_type());
+        auto grad_S_block = grad_S.narrow(0, m0, nb);
+        at::mm_out(grad_S_block, gy_block, B_scaled);
+        part.addmm_(S.narrow(0, m0, nb).t(), gy_block);
+      }
+      at::Tensor& slot = partial[at::get_thread_num()];  // a thread may run several tasks
+      slot = slot.defined() ? slot.add_(part) : part;
+    });
+  });
+  auto grad_B_t = at::zeros({r, D}, S.options());
+  for (const auto& part : partial) {
+    if (part.defined()) grad_B_t.add_(part);
+  }
+  return {grad_S, grad_B_t.t().contiguous().mul_(scaling)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedpeft_C, CPU, m) {
   m.impl("lora_shrink", &lora_shrink);
   m.impl("lora_shrink_backward", &lora_shrink_backward);
+  m.impl("lora_expand_backward", &lora_expand_backward);
 }
 
 }  // namespace fusedpeft::cpu

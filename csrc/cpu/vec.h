@@ -11,6 +11,10 @@ namespace fusedpeft::cpu {
 // seed = k0 | k1 << 32. Defined in philox_keep.cpp, vectorised by hand (AVX-512 or AVX2, chosen
 // at first call; FUSEDPEFT_CPU_ISA=avx2|scalar caps the choice, for tests).
 void philox_keep(uint8_t* keep, uint32_t k0, uint32_t k1, float p, uint32_t first_offset, int64_t n);
+// out[j] = x[j] * (kept[j] ? keep_scale : 0) with the mask of philox_keep, which is also written
+// to keep unless keep is null; out may alias x.
+void philox_dropout_f32(const float* x, float* out, uint8_t* keep, float keep_scale, uint32_t k0, uint32_t k1, float p,
+                        uint32_t first_offset, int64_t n);
 // The instruction set philox_keep uses: "avx512", "avx2" or "scalar".
 const char* philox_keep_isa();
 float max_f32(const float* x, int64_t n);

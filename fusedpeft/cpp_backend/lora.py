@@ -4,7 +4,8 @@ Same API as fusedpeft.torch_backend.lora.
 Forward:  S = dropout(x) @ A^T (fusedpeft_C::lora_shrink, the SPEC §5 mask generated per element
           in the kernel; plain ATen mm without dropout); y = bias + scaling * S @ B^T (one addmm
           writes y), then y += x @ W^T as the base GEMM's own beta = 1 accumulation (addmm_).
-Backward: dS = scaling * dY @ B and dB = scaling * S^T dY by ATen; with dropout, one kernel
+Backward: dS = scaling * dY @ B and dB = scaling * S^T dY (on CPU from one blocked pass over dY,
+          fusedpeft_C::lora_expand_backward; by ATen on CUDA); with dropout, one kernel
           pass (fusedpeft_C::lora_shrink_backward) gives dropout'(dS @ A) and dS^T @ dropout(x)
           from a single mask generation; dX = that + dY @ W, again accumulated by addmm_.
 Saved between them: x, S and the seed (no mask, no dropped copy of x).
@@ -40,8 +41,12 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling: float, dropout_
     grad_A / grad_B come back in the adapters' dtypes, grad_x in x's dtype.
     """
     grad_y = grad_y.to(x.dtype)
-    grad_S = grad_y @ (lora_B * scaling).to(x.dtype) if (need_x or need_A) else None
-    grad_B = lora_B_grad(S, grad_y, lora_B, scaling) if need_B else None
+    if need_B and (need_x or need_A) and grad_y.device.type == "cpu":
+        grad_S, grad_B = _ops.lora_expand_backward(grad_y, S, lora_B, scaling)  # one pass over grad_y
+        grad_S, grad_B = grad_S.to(x.dtype), grad_B.to(lora_B.dtype)
+    else:
+        grad_S = grad_y @ (lora_B * scaling).to(x.dtype) if (need_x or need_A) else None
+        grad_B = lora_B_grad(S, grad_y, lora_B, scaling) if need_B else None
     grad_x = grad_A = None
     if dropout_p > 0.0:
         if need_x or need_A:
