@@ -254,16 +254,18 @@ def test_mora_matches_reference(mora_type, dtype, atol, strategy, k, d, r_hat, d
         assert_within(g, g64, gb, atol, f"grad_{name}")
 
 
-@pytest.mark.parametrize("k,d,r_hat", [(1024, 1024, 128), (33, 65, 8), (30, 7, 6), (90, 300, 14)])
+@pytest.mark.parametrize("k,d,r_hat", [(1024, 1024, 128), (230, 230, 46), (33, 65, 8), (30, 7, 6), (90, 300, 14)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_mora_type6_merge_and_weight_grad_match_reference(k, d, r_hat, dtype):
     """The merged-strategy pieces of type 6 on their own: W + ΔW and dM, against autograd of the
-    float64 reference (wrap padding, tiled chunks (n R < D) and truncated ones (n R > D))."""
+    float64 reference (wrap padding, tiled chunks (n R < D) and truncated ones (n R > D)). Plain
+    chunks in float32 take the AVX-512 kernel where the CPU has it: 150 rows = 64 + 64 + 22, R = 46
+    leaves partial 12 x 32 tiles."""
     from fusedpeft.torch_backend.mora_maps import rope_tables
 
     n_chunks = -(-k // r_hat)
     cos, sin = rope_tables(r_hat, n_chunks, torch.device("cpu"))
-    weight, x, grad_y = (torch.randn(*shape).to(dtype) for shape in ((d, k), (37, k), (37, d)))
+    weight, x, grad_y = (torch.randn(*shape).to(dtype) for shape in ((d, k), (150, k), (150, d)))
     M = torch.randn(r_hat, r_hat, dtype=torch.float64) / 4
     M64 = M.clone().requires_grad_()
     y_branch = ref.mora_linear(x.double(), torch.zeros(d, k, dtype=torch.float64), None, M64, 6, 0.0, None)

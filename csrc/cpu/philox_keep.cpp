@@ -145,15 +145,11 @@ __attribute__((target("avx2"))) void run_avx2(const Job& job, uint32_t k0, uint3
 
 using KeepFn = void (*)(const Job&, uint32_t, uint32_t, float, uint32_t, int64_t);
 
-// The widest instruction set the CPU has, capped by FUSEDPEFT_CPU_ISA ("avx2" or "scalar").
 KeepFn pick_keep_fn() {
+  const CpuIsa isa = cpu_isa();
 #ifdef FP_HAVE_X86_SIMD
-  const char* cap = std::getenv("FUSEDPEFT_CPU_ISA");
-  const bool allow_avx512 = cap == nullptr || std::strcmp(cap, "avx512") == 0 || *cap == '\0';
-  const bool allow_avx2 = allow_avx512 || std::strcmp(cap, "avx2") == 0;
-  __builtin_cpu_init();
-  if (allow_avx512 && __builtin_cpu_supports("avx512f")) return run_avx512;
-  if (allow_avx2 && __builtin_cpu_supports("avx2")) return run_avx2;
+  if (isa == CpuIsa::avx512) return run_avx512;
+  if (isa == CpuIsa::avx2) return run_avx2;
 #endif
   return run_scalar;
 }
@@ -164,6 +160,21 @@ KeepFn keep_fn() {
 }
 
 }  // namespace
+
+CpuIsa cpu_isa() {
+  static const CpuIsa isa = [] {
+#ifdef FP_HAVE_X86_SIMD
+    const char* cap = std::getenv("FUSEDPEFT_CPU_ISA");
+    const bool allow_avx512 = cap == nullptr || *cap == '\0' || std::strcmp(cap, "avx512") == 0;
+    const bool allow_avx2 = allow_avx512 || std::strcmp(cap, "avx2") == 0;
+    __builtin_cpu_init();
+    if (allow_avx512 && __builtin_cpu_supports("avx512f")) return CpuIsa::avx512;
+    if (allow_avx2 && __builtin_cpu_supports("avx2")) return CpuIsa::avx2;
+#endif
+    return CpuIsa::scalar;
+  }();
+  return isa;
+}
 
 void philox_keep(uint8_t* keep, uint32_t k0, uint32_t k1, float p, uint32_t first_offset, int64_t n) {
   keep_fn()(Job{keep, nullptr, nullptr, 0.0f}, k0, k1, p, first_offset, n);

@@ -7,9 +7,19 @@
 
 namespace fusedpeft::cpu {
 
+// The widest hand-vectorised path this CPU runs (philox_keep.cpp), capped by FUSEDPEFT_CPU_ISA
+// ("avx2" or "scalar"; read once) so tests can reach every path on one machine.
+enum class CpuIsa { scalar, avx2, avx512 };
+CpuIsa cpu_isa();
+
+// P[i] [R, R] += G[:, i R : (i + 1) R]^T X[:, i R : (i + 1) R] over T rows (G, X float32 rows at
+// strides ldg, ldx), i < n_blocks, in gemm_tn.cpp; false (P untouched) when the CPU or
+// FUSEDPEFT_CPU_ISA rules out AVX-512.
+bool block_diag_tn_accumulate_f32(const float* G, int64_t ldg, const float* X, int64_t ldx, int64_t T,
+                                  int64_t n_blocks, int64_t R, float* P);
+
 // keep[j] = (tl.rand(seed, first_offset + j) >= p) for j < n (offsets wrap modulo 2^32), with
-// seed = k0 | k1 << 32. Defined in philox_keep.cpp, vectorised by hand (AVX-512 or AVX2, chosen
-// at first call; FUSEDPEFT_CPU_ISA=avx2|scalar caps the choice, for tests).
+// seed = k0 | k1 << 32. Defined in philox_keep.cpp, vectorised by hand (cpu_isa() picks the path).
 void philox_keep(uint8_t* keep, uint32_t k0, uint32_t k1, float p, uint32_t first_offset, int64_t n);
 // out[j] = x[j] * (kept[j] ? keep_scale : 0) with the mask of philox_keep, which is also written
 // to keep unless keep is null; out may alias x.
