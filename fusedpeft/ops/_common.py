@@ -43,8 +43,21 @@ def cast_for_autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
-    """x [..., F] -> contiguous [N, F] (a view when x is already contiguous)."""
+    """x [..., F] -> contiguous [N, F] (a view when x is already contiguous).
+
+    The linear ops call it inside their autograd boundary, not before, and hand back gradients of
+    x's own shape (rows_as): an input that is a view of x puts a ViewBackward between the op and x,
+    whose output autograd cannot accumulate into in place, so an x feeding several adapters
+    (q/k/v, gate/up) would hold one more x-sized gradient at the peak of backward (F.linear on 3-D
+    input pays exactly that)."""
     return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def rows_as(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """t [N, F] -> ``shape`` as a plain tensor, not a view: sharing t's storage without keeping t
+    as its base, so autograd may accumulate another gradient into it in place, and a caller may
+    modify an output in place."""
+    return t if t.shape == shape else t.view(shape).detach()
 
 
 def eager_twin(forward_impl, setup_context, backward) -> type[torch.autograd.Function]:

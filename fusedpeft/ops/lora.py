@@ -21,6 +21,7 @@ from fusedpeft.ops._common import (
     empty_result,
     maybe,
     no_autocast,
+    rows_as,
     run,
     run_backward,
 )
@@ -28,9 +29,13 @@ from fusedpeft.ops._common import (
 
 def _lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                    scaling: float, dropout_p: float, seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
-    """x [N, K], weight [D, K], bias [D]?, lora_A [r, K], lora_B [D, r] -> (y [N, D], S [N, r])."""
+    """x [..., K], weight [D, K], bias [D]?, lora_A [r, K], lora_B [D, r] -> (y [..., D], S [N, r]), N rows of x.
+
+    x keeps its shape across the op boundary (see ops._common.as_rows)."""
     with no_autocast(x.device.type):
-        return implementation("lora", backend).lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        y, S = implementation("lora", backend).lora_forward(as_rows(x), weight, bias, lora_A, lora_B, scaling,
+                                                            dropout_p, seed)
+    return rows_as(y, (*x.shape[:-1], y.shape[-1])), S
 
 
 lora_linear_op = torch.library.custom_op("fusedpeft::lora_linear", _lora_linear, mutates_args=())
@@ -38,17 +43,18 @@ lora_linear_op = torch.library.custom_op("fusedpeft::lora_linear", _lora_linear,
 
 @lora_linear_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(x.numel() // x.shape[-1], lora_A.shape[0])
 
 
 def _lora_linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, S: Tensor,
                             scaling: float, dropout_p: float, seed: Optional[Tensor], need_x: bool, need_A: bool,
                             need_B: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """grad_y [N, D] -> (grad_x [N, K], grad_A [r, K], grad_B [D, r]); an unneeded one is empty [0]."""
+    """grad_y [..., D] -> (grad_x [..., K], grad_A [r, K], grad_B [D, r]); an unneeded one is empty [0]."""
     with no_autocast(x.device.type):
-        grads = implementation("lora", backend).lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling,
-                                                               dropout_p, seed, need_x, need_A, need_B)
-    return tuple(g if g is not None else empty_result(x) for g in grads)
+        grad_x, grad_A, grad_B = implementation("lora", backend).lora_backward(
+            grad_y.reshape(-1, grad_y.shape[-1]), as_rows(x), weight, lora_A, lora_B, S, scaling, dropout_p, seed, need_x, need_A, need_B)
+    grad_x = rows_as(grad_x, x.shape) if grad_x is not None else None
+    return tuple(g if g is not None else empty_result(x) for g in (grad_x, grad_A, grad_B))
 
 
 lora_linear_backward_op = torch.library.custom_op("fusedpeft::lora_linear_backward", _lora_linear_backward,
@@ -95,6 +101,6 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     """
     x, weight, bias = cast_for_autocast(x, weight, bias)
     name = resolve_backend("lora", backend, x.device)
-    y, _ = run(lora_linear_op, _LoRALinearEager, as_rows(x), weight, bias, lora_A, lora_B, float(scaling),
-               float(dropout_p), seed, name)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    y, _ = run(lora_linear_op, _LoRALinearEager, x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
+               seed, name)
+    return y

@@ -20,6 +20,7 @@ from fusedpeft.ops._common import (
     empty_result,
     maybe,
     no_autocast,
+    rows_as,
     run,
     run_backward,
 )
@@ -29,9 +30,11 @@ from fusedpeft.torch_backend.mora_maps import MoraGeometry
 
 def _mora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: Tensor, mora_type: int, dropout_p: float,
                    seed: Optional[Tensor], backend: str) -> Tensor:
-    """x [N, K], weight [D, K], bias [D]?, M [R, R] -> y [N, D] in x's dtype."""
+    """x [..., K], weight [D, K], bias [D]?, M [R, R] -> y [..., D] in x's dtype (x keeps its shape
+    across the op boundary, see ops._common.as_rows)."""
     with no_autocast(x.device.type):
-        return implementation("mora", backend).mora_forward(x, weight, bias, M, mora_type, dropout_p, seed)
+        y = implementation("mora", backend).mora_forward(as_rows(x), weight, bias, M, mora_type, dropout_p, seed)
+    return rows_as(y, (*x.shape[:-1], y.shape[-1]))
 
 
 mora_linear_op = torch.library.custom_op("fusedpeft::mora_linear", _mora_linear, mutates_args=())
@@ -39,16 +42,17 @@ mora_linear_op = torch.library.custom_op("fusedpeft::mora_linear", _mora_linear,
 
 @mora_linear_op.register_fake
 def _(x, weight, bias, M, mora_type, dropout_p, seed, backend):
-    return x.new_empty(x.shape[0], weight.shape[0])
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def _mora_linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, M: Tensor, mora_type: int, dropout_p: float,
                             seed: Optional[Tensor], need_x: bool, need_M: bool, backend: str) -> tuple[Tensor, Tensor]:
-    """grad_y [N, D] -> (grad_x [N, K], grad_M [R, R]); an unneeded one is empty [0]."""
+    """grad_y [..., D] -> (grad_x [..., K], grad_M [R, R]); an unneeded one is empty [0]."""
     with no_autocast(x.device.type):
-        grad_x, grad_M = implementation("mora", backend).mora_backward(grad_y, x, weight, M, mora_type, dropout_p,
-                                                                       seed, need_x, need_M)
-    return (grad_x if grad_x is not None else empty_result(x), grad_M if grad_M is not None else empty_result(x))
+        grad_x, grad_M = implementation("mora", backend).mora_backward(
+            grad_y.reshape(-1, grad_y.shape[-1]), as_rows(x), weight, M, mora_type, dropout_p, seed, need_x, need_M)
+    return (rows_as(grad_x, x.shape) if grad_x is not None else empty_result(x),
+            grad_M if grad_M is not None else empty_result(x))
 
 
 mora_linear_backward_op = torch.library.custom_op("fusedpeft::mora_linear_backward", _mora_linear_backward,
@@ -69,7 +73,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y):
     x, weight, M, seed = ctx.saved_tensors
     need_x, _, _, need_M = ctx.needs_input_grad[:4]
-    grad_x, grad_M = run_backward(ctx, mora_linear_backward_op, _mora_linear_backward, grad_y.contiguous(), x,
+    grad_x, grad_M = run_backward(ctx, mora_linear_backward_op, _mora_linear_backward, grad_y, x,
                                   weight, M, ctx.mora_type, ctx.dropout_p, seed, need_x, need_M, ctx.backend)
     return maybe(grad_x), None, None, maybe(grad_M), None, None, None, None
 
@@ -87,9 +91,7 @@ def mora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, M: Tensor, mora_
     """
     x, weight, bias = cast_for_autocast(x, weight, bias)
     name = resolve_backend("mora", backend, x.device)
-    y = run(mora_linear_op, _MoRALinearEager, as_rows(x), weight, bias, M, int(mora_type), float(dropout_p), seed,
-            name)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return run(mora_linear_op, _MoRALinearEager, x, weight, bias, M, int(mora_type), float(dropout_p), seed, name)
 
 
 @torch.no_grad()
