@@ -132,8 +132,8 @@ def validate_cpu_method(rows: int = 2048, cols: int = 32000) -> dict:
         "exp() of an existing tensor": (lambda: torch.exp(existing), nbytes),
         "keep one, free one made before": (lambda: (kept.append(torch.empty(rows, cols)), holder.clear()), nbytes),
         # kept[0] was allocated while the previous check was being profiled
-        "free one made in the last profiled step, keep one": (lambda: (kept.pop(0), kept.append(torch.empty(rows, cols))),
-                                                                       nbytes),
+        "free one made in the last profiled step, keep one": (
+            lambda: (kept.pop(0), kept.append(torch.empty(rows, cols))), nbytes),
     }
     results = {}
     for name, (step, expected) in checks.items():

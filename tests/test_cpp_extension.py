@@ -330,7 +330,8 @@ def test_errors_name_the_argument():
         ops.mora_rope_merge(torch.randn(6, 8), torch.randn(3, 3), 3, cos, sin)
     with pytest.raises(RuntimeError, match=r"mora_rope_weight_grad: cos must have shape \[2, 4\], got shape \[3, 4\]"):
         ops.mora_rope_weight_grad(torch.randn(5, 8), torch.randn(5, 6), 4, torch.ones(3, 4), sin)
-    with pytest.raises(RuntimeError, match=r"mora_rope_weight_grad: grad_y must have 5 rows like x, got shape \[4, 6\]"):
+    with pytest.raises(RuntimeError,
+                       match=r"mora_rope_weight_grad: grad_y must have 5 rows like x, got shape \[4, 6\]"):
         ops.mora_rope_weight_grad(torch.randn(5, 8), torch.randn(4, 6), 4, cos, sin)
 
 

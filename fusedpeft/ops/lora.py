@@ -29,9 +29,9 @@ from fusedpeft.ops._common import (
 
 def _lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                    scaling: float, dropout_p: float, seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
-    """x [..., K], weight [D, K], bias [D]?, lora_A [r, K], lora_B [D, r] -> (y [..., D], S [N, r]), N rows of x.
+    """x [..., K], weight [D, K], bias [D]?, lora_A [r, K], lora_B [D, r] -> (y [..., D], S [N, r]).
 
-    x keeps its shape across the op boundary (see ops._common.as_rows)."""
+    N = rows of x; x keeps its shape across the op boundary (see ops._common.as_rows)."""
     with no_autocast(x.device.type):
         y, S = implementation("lora", backend).lora_forward(as_rows(x), weight, bias, lora_A, lora_B, scaling,
                                                             dropout_p, seed)
@@ -52,7 +52,8 @@ def _lora_linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Ten
     """grad_y [..., D] -> (grad_x [..., K], grad_A [r, K], grad_B [D, r]); an unneeded one is empty [0]."""
     with no_autocast(x.device.type):
         grad_x, grad_A, grad_B = implementation("lora", backend).lora_backward(
-            grad_y.reshape(-1, grad_y.shape[-1]), as_rows(x), weight, lora_A, lora_B, S, scaling, dropout_p, seed, need_x, need_A, need_B)
+            grad_y.reshape(-1, grad_y.shape[-1]), as_rows(x), weight, lora_A, lora_B, S, scaling, dropout_p, seed,
+            need_x, need_A, need_B)
     grad_x = rows_as(grad_x, x.shape) if grad_x is not None else None
     return tuple(g if g is not None else empty_result(x) for g in (grad_x, grad_A, grad_B))
 
