@@ -1,7 +1,9 @@
-"""One x feeding several adapter layers (q/k/v, gate/up): autograd must be able to sum their
-gradients for x in place. An op whose input is a view of x, or whose grad_x is a view, makes the
-engine add out of place and hold one more x-sized tensor at the peak of the backward (what
-F.linear on 3-D input, and so PEFT, pays)."""
+"""Shapes at the op boundary.
+
+One x feeding several adapter layers (q/k/v, gate/up): autograd must sum their gradients for x in
+place. An op whose input is a view of x, or whose grad_x is a view, makes the engine add out of
+place and hold one more x-sized tensor at the peak of the backward (what F.linear on 3-D input,
+and so PEFT, pays). And batches with no rows at all."""
 
 import pytest
 import torch
@@ -58,3 +60,20 @@ def test_layer_output_can_be_modified_in_place():
     y.mul_(2.0)
     y.sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("kind,mora_type,dropout", [("lora", None, 0.0), ("lora", None, 0.1), ("mora", 1, 0.0),
+                                                     ("mora", 6, 0.0), ("mora", 6, 0.1)])
+@pytest.mark.parametrize("shape", [(0, 48), (2, 0, 48)])
+def test_empty_batch(kind, mora_type, dropout, backend, shape):
+    """No rows at all (an empty micro-batch): right shapes forward and backward, no error."""
+    if backends.unavailable_reason(backend) is not None:
+        pytest.skip(backends.unavailable_reason(backend))
+    base = nn.Linear(48, 20)
+    layer = (fp.LoRALinear(base, r=4, dropout=dropout, backend=backend) if kind == "lora"
+             else fp.MoRALinear(base, r=4, mora_type=mora_type, dropout=dropout, backend=backend))
+    x = torch.randn(*shape, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == (*shape[:-1], 20) and x.grad.shape == x.shape

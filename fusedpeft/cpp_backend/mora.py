@@ -37,6 +37,11 @@ def _tables(g: MoraGeometry, device: torch.device):
     return rope_tables(g.r_hat, g.n_chunks, device) if g.mora_type == 6 else (None, None)
 
 
+def _slot_width(g: MoraGeometry) -> int:
+    """Columns of z per row: n R for type 6, R otherwise (explicit, so that 0 rows reshape too)."""
+    return g.n_chunks * g.r_hat if g.mora_type == 6 else g.r_hat
+
+
 def _compress(x, g: MoraGeometry, dropout_p: float, seed) -> torch.Tensor:
     """x [N, K] -> z [N n_z, R] in the compute dtype (n_z = 1, or n chunks for type 6)."""
     cos, sin = _tables(g, x.device)
@@ -71,7 +76,7 @@ def mora_forward(x, weight, bias, M, mora_type: int, dropout_p: float, seed, str
         return F.linear(x, _merged_weight(weight, M, g), bias)
     n = x.shape[0]
     y_slots = _compress(x, g, dropout_p, seed) @ M.to(_compute_dtype(x.dtype)).t()
-    y = _ops.mora_decompress(y_slots.view(n, -1), g.out_features, g.r_hat, mora_type, bias, x.dtype)
+    y = _ops.mora_decompress(y_slots.view(n, _slot_width(g)), g.out_features, g.r_hat, mora_type, bias, x.dtype)
     return y.addmm_(x, weight.t())
 
 
@@ -95,7 +100,7 @@ def mora_backward(grad_y, x, weight, M, mora_type: int, dropout_p: float, seed, 
     if strategy == "merged":
         return grad_y @ _merged_weight(weight, M, g), grad_M
     cos, sin = _tables(g, x.device)
-    grad_z = (h @ M.to(h.dtype)).view(x.shape[0], -1)
+    grad_z = (h @ M.to(h.dtype)).view(x.shape[0], _slot_width(g))
     grad_x = _ops.mora_compress_backward(grad_z, g.in_features, g.r_hat, mora_type, dropout_p,
                                          seed_value(seed, dropout_p), cos, sin, x.dtype)
     return grad_x.addmm_(grad_y, weight), grad_M
