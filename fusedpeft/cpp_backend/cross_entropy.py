@@ -9,16 +9,17 @@ forward and backward. linear_cross_entropy: chunked ATen matmuls around the same
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import fusedpeft._C  # noqa: F401  (registers torch.ops.fusedpeft_C)
 from fusedpeft.cpp_backend import unavailable_reason  # noqa: F401  (read by fusedpeft.backends)
 from fusedpeft.torch_backend.cross_entropy import (
     accumulation_dtype,
-    active_rows,
     backward_by_chunks,
+    chunked_linear_pass,
     forward_by_chunks,
-    rows_per_chunk,
 )
 
 _ops = torch.ops.fusedpeft_C
@@ -49,56 +50,29 @@ def cross_entropy_backward(grad_loss, logits, labels, row_scale, lse, label_smoo
     return _ops.ce_backward(logits, labels, scale, lse, label_smoothing, z_loss, _cap(softcap))
 
 
-def _chunks(n: int, step: int):
-    for start in range(0, n, max(1, step)):
-        yield slice(start, min(start + max(1, step), n))
+def _chunk_loss(make_logits, labels, scale, with_grad: bool, label_smoothing: float, z_loss: float,
+                softcap: float | None):
+    """linear_cross_entropy_pass's per-chunk step (see torch_backend.chunked_linear_pass): the row
+    kernel reads the logits in their own dtype for the loss alone, or turns their fp32 copy into
+    d(scale l)/dlogits in place."""
+    if not with_grad:
+        rows_loss, _ = _ops.ce_forward(make_logits(), labels, scale, label_smoothing, z_loss, _cap(softcap))
+        return rows_loss, None
+    logits = make_logits()
+    z = logits.to(accumulation_dtype(logits.dtype))
+    del logits
+    return _ops.ce_loss_and_grad_(z, labels, scale, label_smoothing, z_loss, _cap(softcap)), z
 
 
 def linear_cross_entropy_pass(hidden, weight, bias, labels, scale, label_smoothing: float, z_loss: float,
                               softcap: float | None, chunk_budget_bytes: int, need_hidden: bool, need_weight: bool,
                               need_bias: bool):
-    """One chunked pass over the rows with scale != 0 (see torch_backend.linear_cross_entropy_pass).
-
-    hidden [N, H], weight [V, H], bias [V] | None, labels [N], scale [N] -> (l_t [N] unscaled,
-    grad_hidden [N, H] | None, grad_weight [V, H] | None, grad_bias [V] | None). Per chunk:
-    logits = h @ W^T (+ bias) by ATen, turned into d(scale l)/dlogits in place by the row kernel,
-    then contracted into the gradients by ATen; chunk x V is the largest temporary.
-    """
-    acc = accumulation_dtype(hidden.dtype)
-    with_grad = need_hidden or need_weight or need_bias
-    n_rows, vocab = hidden.shape[0], weight.shape[0]
-    scale = scale.to(acc)
-    loss_rows = torch.zeros(n_rows, dtype=acc, device=hidden.device)
-    grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
-    grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
-    active = active_rows(scale)
-    step = rows_per_chunk(vocab, hidden.dtype, chunk_budget_bytes, softcap, with_grad)
-    for part in _chunks(active.numel(), step):
-        idx = active[part]
-        h = hidden.index_select(0, idx)
-        rows_labels = labels.index_select(0, idx)
-        rows_scale = scale.index_select(0, idx)
-        logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
-        if not with_grad:
-            rows_loss, _ = _ops.ce_forward(logits, rows_labels, rows_scale, label_smoothing, z_loss, _cap(softcap))
-            loss_rows.index_copy_(0, idx, rows_loss)
-            del logits  # before the next chunk's logits exist: one chunk alive at a time
-            continue
-        z = logits.to(acc)
-        del logits
-        rows_loss = _ops.ce_loss_and_grad_(z, rows_labels, rows_scale, label_smoothing, z_loss, _cap(softcap))
-        loss_rows.index_copy_(0, idx, rows_loss)
-        if need_bias:
-            grad_bias += z.sum(0)
-        if need_weight:
-            grad_weight.addmm_(z.t(), h.to(acc))
-        if need_hidden:
-            grad_hidden.index_copy_(0, idx, z.to(hidden.dtype) @ weight)
-        del z
-    return (loss_rows, grad_hidden,
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype))
+    """torch_backend.linear_cross_entropy_pass (same arguments and returns) with the row kernel as
+    the per-chunk step: logits = h @ W^T (+ bias) by ATen, the loss and dlogits by the kernel, the
+    contractions into the gradients by ATen; chunk x V is the largest temporary."""
+    chunk_loss = functools.partial(_chunk_loss, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    return chunked_linear_pass(chunk_loss, hidden, weight, bias, labels, scale, softcap, chunk_budget_bytes,
+                               need_hidden, need_weight, need_bias)
 
 
 def linear_cross_entropy_forward(*args):

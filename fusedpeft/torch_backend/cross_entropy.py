@@ -14,6 +14,8 @@ Rows with row_scale == 0 are skipped: no softmax work, and in linear_cross_entro
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 LOGITS_CHUNK_ELEMENTS = 1 << 22  # fp32 temporaries of cross_entropy_* stay <= 16 MiB
@@ -126,18 +128,22 @@ def rows_per_chunk(vocab: int, hidden_dtype: torch.dtype, chunk_budget_bytes: in
     return max(1, chunk_budget_bytes // (vocab * per_element))
 
 
-def linear_cross_entropy_pass(hidden, weight, bias, labels, scale, label_smoothing: float, z_loss: float,
-                              softcap: float | None, chunk_budget_bytes: int, need_hidden: bool, need_weight: bool,
-                              need_bias: bool):
-    """One chunked pass over the rows with scale != 0.
+def chunked_linear_pass(chunk_loss, hidden, weight, bias, labels, scale, softcap: float | None,
+                        chunk_budget_bytes: int, need_hidden: bool, need_weight: bool, need_bias: bool):
+    """The chunk loop of linear_cross_entropy_pass, shared with the C++ backend.
 
-    hidden [N, H], weight [V, H], bias [V] | None, labels [N], scale [N] (row_scale, times the
-    incoming gradient in backward). Returns (l_t [N] unscaled, grad_hidden [N, H] | None,
-    grad_weight [V, H] | None, grad_bias [V] | None); grads are d(sum_t scale_t l_t).
+    Rows with scale != 0 go in chunks whose temporaries fit ``chunk_budget_bytes``. Per chunk,
+    ``chunk_loss(make_logits, labels, scale, with_grad)`` returns (l_t [rows] in the accumulation
+    dtype, d(sum scale l)/dlogits [rows, V] in it, or None without gradients). It calls
+    make_logits() itself, so it holds the only reference and can let the input-dtype logits go
+    once upcast. The gradient is contracted into grad_hidden, grad_weight and grad_bias at once,
+    so one chunk's logits are alive at a time and rows x V never is.
+    Same arguments and returns as linear_cross_entropy_pass.
     """
     acc = accumulation_dtype(hidden.dtype)
     with_grad = need_hidden or need_weight or need_bias
     n_rows, vocab = hidden.shape[0], weight.shape[0]
+    scale = scale.to(acc)
     loss_rows = torch.zeros(n_rows, dtype=acc, device=hidden.device)
     grad_hidden = torch.zeros_like(hidden) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
@@ -147,27 +153,52 @@ def linear_cross_entropy_pass(hidden, weight, bias, labels, scale, label_smoothi
     for part in _chunks(active.numel(), step):
         idx = active[part]
         h = hidden.index_select(0, idx)
-        rows_labels = labels.index_select(0, idx)
-        logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
-        z = logits.to(acc)
-        del logits
-        tanh = apply_softcap_(z, softcap, keep_tanh=with_grad)
-        rows_loss, lse = loss_and_probs_(z, rows_labels, label_smoothing, z_loss)
+
+        def make_logits(h=h):
+            return h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
+
+        rows_loss, dz = chunk_loss(make_logits, labels.index_select(0, idx), scale.index_select(0, idx), with_grad)
         loss_rows.index_copy_(0, idx, rows_loss)
-        if with_grad:
-            probs_to_grad_(z, rows_labels, scale.index_select(0, idx).to(acc), lse, label_smoothing, z_loss, tanh,
-                           softcap)
-            del tanh
-            if need_bias:
-                grad_bias += z.sum(0)
-            if need_weight:
-                grad_weight.addmm_(z.t(), h.to(acc))
-            if need_hidden:
-                grad_hidden.index_copy_(0, idx, z.to(hidden.dtype) @ weight)
-        del z  # before the next chunk's logits exist: one chunk alive at a time, not two
+        if dz is None:
+            continue
+        if need_bias:
+            grad_bias += dz.sum(0)
+        if need_weight:
+            grad_weight.addmm_(dz.t(), h.to(acc))
+        if need_hidden:
+            grad_hidden.index_copy_(0, idx, dz.to(hidden.dtype) @ weight)
+        del dz  # before the next chunk's logits exist
     return (loss_rows, grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype))
+
+
+def _chunk_loss(make_logits, labels, scale, with_grad: bool, label_smoothing: float, z_loss: float,
+                softcap: float | None):
+    """linear_cross_entropy_pass's per-chunk step (see chunked_linear_pass), in PyTorch."""
+    logits = make_logits()
+    z = logits.to(accumulation_dtype(logits.dtype))
+    del logits
+    tanh = apply_softcap_(z, softcap, keep_tanh=with_grad)
+    rows_loss, lse = loss_and_probs_(z, labels, label_smoothing, z_loss)
+    if not with_grad:
+        return rows_loss, None
+    probs_to_grad_(z, labels, scale, lse, label_smoothing, z_loss, tanh, softcap)
+    return rows_loss, z
+
+
+def linear_cross_entropy_pass(hidden, weight, bias, labels, scale, label_smoothing: float, z_loss: float,
+                              softcap: float | None, chunk_budget_bytes: int, need_hidden: bool, need_weight: bool,
+                              need_bias: bool):
+    """One chunked pass over the rows with scale != 0.
+
+    hidden [N, H], weight [V, H], bias [V] | None, labels [N], scale [N] (row_scale, times the
+    incoming gradient in backward). Returns (l_t [N] unscaled, grad_hidden [N, H] | None,
+    grad_weight [V, H] | None, grad_bias [V] | None); grads are d(sum_t scale_t l_t).
+    """
+    chunk_loss = functools.partial(_chunk_loss, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    return chunked_linear_pass(chunk_loss, hidden, weight, bias, labels, scale, softcap, chunk_budget_bytes,
+                               need_hidden, need_weight, need_bias)
 
 
 def forward_by_chunks(run_pass, hidden, weight, bias, labels, row_scale, reduce: bool, label_smoothing: float,
