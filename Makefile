@@ -19,7 +19,7 @@ $(STAMP): setup.py Makefile pyproject.toml
 	$(PY) -m pip install --upgrade pip setuptools wheel
 	# torch first: the package is installed without build isolation so that the extension
 	# builds against this torch instead of downloading another one.
-	$(PY) -m pip install "torch>=2.4"
+	$(PY) -m pip install "torch>=2.11"
 	# the package and its dependencies; the extension is built by the next rule, in place
 	FUSEDPEFT_SKIP_EXT=1 $(PY) -m pip install --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
