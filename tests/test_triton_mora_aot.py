@@ -42,9 +42,9 @@ def _gemm_cases():
 
     Each config is compiled with the type-6 forward and dX variants (the chunk dots on top of the
     base tile: the most registers); the sm_90 16-bit dropout config also with the types 1-4 dX
-    epilogue gather (Philox on the output tile). fp32 / fp64 configs (IEEE dots, no tensor
-    cores) and the lighter types 1-4 variants are compiled once each on sm_90. ~20 compiles, 5-15
-    s each on the 2-core CI machine.
+    epilogue gather (Philox on the output tile); every types 1-4 gather config (MODE_MERGE) on
+    both archs. fp32 / fp64 configs (IEEE dots, no tensor cores) are compiled once each. ~25
+    compiles, 5-15 s each on the 2-core CI machine.
     """
     for arch in (90, 80):
         for dropout in (False, True):
@@ -52,9 +52,12 @@ def _gemm_cases():
                 for mode, trans in (ROPE_FWD, ROPE_DX):
                     yield arch, 2, config, (mode, trans, dropout)
     yield 90, 2, tm.gemm_configs(90, 2, True)[0], (tm.MODE_SLOTS, True, True)
-    yield 90, 2, tm.gemm_configs(90, 2, False)[0], (tm.MODE_MERGE, True, False)
+    for arch in (90, 80):  # the types 1-4 gather (design "tile"): its own configs
+        for config in tm.gemm_configs(arch, 2, False, tm.MODE_MERGE):
+            yield arch, 2, config, (tm.MODE_MERGE, True, False)
     yield 90, 4, tm.gemm_configs(90, 4, True)[0], (*ROPE_DX, True)
-    yield 90, 4, tm.gemm_configs(90, 4, False)[0], (tm.MODE_MERGE, True, False)  # fp32 types 1-4 default
+    for arch in (90, 80):  # fp32 types 1-4 default
+        yield arch, 4, tm.gemm_configs(arch, 4, False, tm.MODE_MERGE)[0], (tm.MODE_MERGE, True, False)
     yield 90, 8, tm.gemm_configs(90, 8, True)[0], (*ROPE_DX, True)
     yield 80, 4, tm.gemm_configs(80, 4, True)[0], (*ROPE_DX, True)
 

@@ -68,7 +68,7 @@ def _lora_shrink_kernel(x_ptr, a_ptr, s_ptr, N, K, R, stride_xm, stride_ar, stri
             x = _dropout_tile(x, rm, rk, K, seed, p, scale).to(x_ptr.dtype.element_ty)
         a_t = tl.load(a_ptr + rr[None, :] * stride_ar + rk[:, None].to(tl.int64) * stride_ak,
                       mask=r_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(x, a_t.to(x_ptr.dtype.element_ty), acc, input_precision=PRECISION)
+        acc = tl.dot(x, a_t.to(x_ptr.dtype.element_ty), acc, input_precision=PRECISION, out_dtype=acc.dtype)
     tl.store(s_ptr + rm.to(tl.int64)[:, None] * stride_sm + rr[None, :], acc.to(s_ptr.dtype.element_ty),
              mask=m_ok[:, None] & r_ok[None, :])
 
@@ -105,7 +105,7 @@ def _lora_fwd_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr, N, D, K, R,
         s = tl.load(s_ptr + rm64[:, None] * stride_sm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         b_t = tl.load(b_ptr + rn64[None, :] * stride_bd + rr[:, None] * stride_br,
                       mask=n_ok[None, :] & r_ok[:, None], other=0.0)
-        acc = tl.dot(s.to(dot_ty), b_t.to(dot_ty), acc, input_precision=PRECISION)
+        acc = tl.dot(s.to(dot_ty), b_t.to(dot_ty), acc, input_precision=PRECISION, out_dtype=acc.dtype)
     acc = acc * scaling
     x_rows = x_ptr + rm64[:, None] * stride_xm
     w_cols = w_ptr + rn64[None, :] * stride_wd
@@ -114,7 +114,7 @@ def _lora_fwd_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr, N, D, K, R,
         k_ok = rk < K
         x = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w_t = tl.load(w_cols + rk[:, None].to(tl.int64) * stride_wk, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(x, w_t, acc, input_precision=PRECISION)
+        acc = tl.dot(x, w_t, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
     tl.store(y_ptr + rm64[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -156,10 +156,10 @@ def _lora_bwd_ds_db_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, N, D, R,
         if NEED_S:
             b = tl.load(b_ptr + rd.to(tl.int64)[:, None] * stride_bd + rr[None, :] * stride_br,
                         mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-            ds = tl.dot(dy, b.to(dot_ty), ds, input_precision=PRECISION)
+            ds = tl.dot(dy, b.to(dot_ty), ds, input_precision=PRECISION, out_dtype=ds.dtype)
         if NEED_B:
             part = tl.dot(tl.trans(dy), s, tl.zeros((BLOCK_D, R_BLOCK), dtype=ds.dtype),
-                          input_precision=PRECISION)
+                          input_precision=PRECISION, out_dtype=ds.dtype)
             tl.atomic_add(db_ptr + rd.to(tl.int64)[:, None] * stride_dbd + rr[None, :], part * scaling,
                           mask=d_ok[:, None] & r_ok[None, :])
     if NEED_S:
@@ -200,7 +200,7 @@ def _lora_bwd_da_kernel(ds_ptr, x_ptr, da_ptr, N, K, R, stride_dsm, stride_xm, s
             x = _dropout_tile(x, rm, rk, K, seed, p, scale).to(dot_ty)
         ds_t = tl.load(ds_ptr + rm64[None, :] * stride_dsm + rr[:, None], mask=m_ok[None, :] & r_ok[:, None],
                        other=0.0)
-        acc = tl.dot(ds_t.to(dot_ty), x, acc, input_precision=PRECISION)
+        acc = tl.dot(ds_t.to(dot_ty), x, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     tl.atomic_add(da_ptr + rr[:, None] * stride_dar + rk[None, :], acc, mask=r_ok[:, None] & k_ok[None, :])
 
 
@@ -252,11 +252,13 @@ def _lora_bwd_dx_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, x_ptr, da_ptr, N, 
             a = tl.load(a_ptr + rr[:, None] * stride_ar + rn64[None, :] * stride_ak,
                         mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(dot_ty)
             if HAS_DROPOUT:
-                acc += tl.where(keep, tl.dot(ds, a, tl.zeros_like(acc), input_precision=PRECISION) * scale, 0.0)
+                dxa = tl.dot(ds, a, tl.zeros_like(acc), input_precision=PRECISION, out_dtype=acc.dtype)
+                acc += tl.where(keep, dxa * scale, 0.0)
             else:
-                acc = tl.dot(ds, a, acc, input_precision=PRECISION)
+                acc = tl.dot(ds, a, acc, input_precision=PRECISION, out_dtype=acc.dtype)
             if FUSE_DA:
-                part = tl.dot(tl.trans(ds), x, tl.zeros((R_BLOCK, BLOCK_N), dtype=acc.dtype), input_precision=PRECISION)
+                part = tl.dot(tl.trans(ds), x, tl.zeros((R_BLOCK, BLOCK_N), dtype=acc.dtype), input_precision=PRECISION,
+                              out_dtype=acc.dtype)
                 tl.atomic_add(da_ptr + rr[:, None] * stride_dar + rn[None, :], part, mask=r_ok[:, None] & n_ok[None, :])
     if ACCUMULATE:
         acc += tl.load(out, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(acc.dtype)
@@ -267,5 +269,5 @@ def _lora_bwd_dx_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, x_ptr, da_ptr, N, 
         dy = tl.load(dy_rows + rd[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         w = tl.load(w_ptr + rd.to(tl.int64)[:, None] * stride_wd + rn64[None, :] * stride_wk,
                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(dy, w, acc, input_precision=PRECISION)
+        acc = tl.dot(dy, w, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

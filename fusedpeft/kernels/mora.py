@@ -58,28 +58,39 @@ MODE_PLAIN, MODE_MERGE, MODE_SLOTS, MODE_ROPE = 0, 1, 2, 3
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per (arch class, element bytes, dropout on).
 # 128x128 fp32 accumulators need 8 warps; with dropout, Philox on the chunk / output tile needs the
-# narrower 128x64 tile (128x128 spills). Every config is compiled ahead of time for its arch in
-# tests/test_triton_mora_aot.py (no spills, wgmma on sm_90).
+# narrower 128x64 tile (128x128 spills). Every config is compiled ahead of time for its arch under
+# the CI's Triton and Triton 3.6 (the GPU image's) in tests/test_triton_mora_aot.py: no spills,
+# wgmma on sm_90.
 _GEMM_CONFIGS = {
     (90, 2, False): ((128, 128, 64, 8, 3), (128, 64, 64, 8, 3)),
     (90, 2, True): ((128, 64, 64, 8, 3),),
     (80, 2, False): ((128, 128, 32, 8, 3), (128, 64, 32, 8, 3)),
     (80, 2, True): ((128, 64, 32, 8, 3),),
-    (90, 4, False): ((64, 64, 32, 8, 3),),  # IEEE fp32 / fp64 dots (FMA): 4 warps spill with dropout
-    (80, 4, False): ((64, 64, 32, 8, 3),),
+    # IEEE fp32 / fp64 dots (FMA): 4 warps spill with dropout; Triton 3.6 spills the fp32 types
+    # 1-4 gather with BLOCK_K = 32 (28 bytes on sm_90, 12 on sm_80), so the fp32 K step is 16
+    (90, 4, False): ((64, 64, 16, 8, 3),),
+    (80, 4, False): ((64, 64, 16, 8, 3),),
     (90, 8, False): ((64, 64, 32, 8, 2),),
     (80, 8, False): ((64, 64, 32, 8, 2),),
 }
+# MODE_MERGE (types 1-4, ΔW gathered from M into the W tile) holds the gathered tile beside the
+# accumulator: at 128x128x64 on sm_90 Triton 3.6 spills 228 bytes, so 16-bit sm_90 uses K = 32.
+_MERGE_GEMM_CONFIGS = {
+    (90, 2): ((128, 128, 32, 8, 3), (128, 64, 64, 8, 3)),
+}
 
 
-def gemm_configs(arch: int, element_bytes: int, dropout: bool) -> tuple:
-    """The fused-GEMM tile configs autotuned for ``arch`` (80 or 90), an element size in bytes and
-    dropout on / off (fp32 / fp64 use one config either way)."""
+def gemm_configs(arch: int, element_bytes: int, dropout: bool, mode: int = MODE_ROPE) -> tuple:
+    """The fused-GEMM tile configs autotuned for ``arch`` (80 or 90), an element size in bytes,
+    dropout on / off (fp32 / fp64 use one config either way) and the kernel MODE."""
+    if mode == MODE_MERGE and (arch, element_bytes) in _MERGE_GEMM_CONFIGS:
+        return _MERGE_GEMM_CONFIGS[(arch, element_bytes)]
     return _GEMM_CONFIGS.get((arch, element_bytes, dropout)) or _GEMM_CONFIGS[(arch, element_bytes, False)]
 
 
 # dM reduction (BLOCK_A, BLOCK_B, BLOCK_M, num_warps, num_stages) and slot sums (BLOCK_M, BLOCK_R, warps).
-DM_CONFIGS = {2: (128, 128, 64, 8, 3), 4: (64, 64, 32, 4, 3), 8: (64, 64, 32, 4, 2)}
+# 16-bit: BLOCK_M = 64 rows spills 8 bytes on sm_90 under Triton 3.6 with RoPE and dropout; 32 does not.
+DM_CONFIGS = {2: (128, 128, 32, 8, 3), 4: (64, 64, 32, 4, 3), 8: (64, 64, 32, 4, 2)}
 SLOT_SUM_CONFIG = (64, 64, 8)  # Philox on 64 x 64 with 4 warps spills on sm_80
 INTERPRETER_GEMM_CONFIG = (64, 64, 32, 4, 1)
 INTERPRETER_DM_CONFIG = (32, 32, 32, 4, 1)
@@ -274,7 +285,7 @@ def _gemm(a, b, b_strides, out, g: Geometry, mode: int, trans: bool, drop, M=Non
         _mora_gemm_kernel[grid](*args, **kwargs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=w,
                                 num_stages=s)
         return out
-    tuned = _tuned_gemm(gemm_configs(_arch_class(a), a.element_size(), dropout))
+    tuned = _tuned_gemm(gemm_configs(_arch_class(a), a.element_size(), dropout, mode))
     tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(p_cols, meta["BLOCK_N"]),)](*args, **kwargs)
     return out
 

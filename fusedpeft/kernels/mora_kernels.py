@@ -148,7 +148,7 @@ def _rope_forward(acc, x_ptr, stride_xm, m_ptr, cos_ptr, sin_ptr, seed, p, scale
                 xt = (xt * _keep_scale(seed, p, scale_ptr, rows, src, K)).to(DT)
             bt = _rope_block(m_ptr, cos_ptr, sin_ptr, c, (cols - g * R)[None, :], offs_b[:, None], in_seg[None, :],
                              b_ok[:, None], R)
-            acc = tl.dot(xt, bt.to(DT), acc, input_precision=PRECISION)
+            acc = tl.dot(xt, bt.to(DT), acc, input_precision=PRECISION, out_dtype=acc.dtype)
     return acc
 
 
@@ -162,7 +162,7 @@ def _rope_input_grad_segment(acc, g_ptr, stride_gm, m_ptr, cos_ptr, sin_ptr, row
         a_ok = offs_a < R
         g = _chunk_grad(g_ptr, stride_gm, rows, row_ok, c, offs_a, a_ok, R, D, SPAN, N_TILES, ACC)
         bt = _rope_block(m_ptr, cos_ptr, sin_ptr, c, offs_a[:, None], idx[None, :], a_ok[:, None], seg_ok[None, :], R)
-        acc = tl.dot(g.to(DT), bt.to(DT), acc, input_precision=PRECISION)
+        acc = tl.dot(g.to(DT), bt.to(DT), acc, input_precision=PRECISION, out_dtype=acc.dtype)
     return acc
 
 
@@ -243,7 +243,7 @@ def _mora_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, m_ptr, u_ptr, cos_ptr, sin_
             else:
                 delta = _shared_delta(m_ptr, cols[None, :], offs_q[:, None], K, D, R, PAD, b_ok, OUT_CONTIG, IN_CONTIG)
             b = b.to(ACC) + delta.to(ACC)
-        acc = tl.dot(a, b.to(DT), acc, input_precision=PRECISION)
+        acc = tl.dot(a, b.to(DT), acc, input_precision=PRECISION, out_dtype=acc.dtype)
     if MODE == 3:
         if not TRANS:
             acc = _rope_forward(acc, a_ptr, stride_am, m_ptr, cos_ptr, sin_ptr, seed, p, scale_ptr, rows, row_ok, cols,
@@ -304,6 +304,7 @@ def _mora_dm_kernel(g_ptr, z_ptr, cos_ptr, sin_ptr, part_ptr, seed, p, scale_ptr
                         other=0.0)
             z = tl.load(z_ptr + rows[:, None] * stride_zm + offs_b[None, :], mask=row_ok[:, None] & b_ok[None, :],
                         other=0.0)
-        acc = tl.dot(tl.trans(g.to(DT)), z.to(DT), acc, input_precision=PRECISION)
+        acc = tl.dot(tl.trans(g.to(DT)), z.to(DT), acc, input_precision=PRECISION,
+                     out_dtype=acc.dtype)
     tl.store(part_ptr + pid_s * R * R + offs_a[:, None] * R + offs_b[None, :], acc,
              mask=a_ok[:, None] & b_ok[None, :])
