@@ -27,6 +27,8 @@ MASKED_VARIANTS = ("plain", "instr_half_w0", "token_weights")
 CPU_LINEAR = [(8192, 512, 32000, False, False), (1024, 512, 32000, True, False)]
 GPU_LINEAR = [(8192, 4096, v, trainable, instr) for v in (32000, 128256)
               for trainable, instr in ((False, False), (False, True), (True, False))]
+SMOKE_MASKED, SMOKE_LINEAR = [(64, 1003)], [(64, 40, 1003, True, True)]
+GPU_HEADLINE_VOCAB = 128256  # the issues' GPU targets (Llama-3 vocabulary): measured first
 
 
 def _loss_only(out) -> torch.Tensor:
@@ -167,13 +169,17 @@ def linear_case(settings: Settings, n: int, h: int, v: int, trainable: bool, ins
 def cases(settings: Settings):
     """[(case name, builder, priority)] for the device."""
     cuda = settings.device.type == "cuda"
+    masked = SMOKE_MASKED if settings.smoke else GPU_MASKED if cuda else CPU_MASKED
+    linear = SMOKE_LINEAR if settings.smoke else GPU_LINEAR if cuda else CPU_LINEAR
     out = []
-    for n, v in GPU_MASKED if cuda else CPU_MASKED:
-        for variant in MASKED_VARIANTS:
+    for n, v in masked:
+        for variant in MASKED_VARIANTS[:1] if settings.smoke else MASKED_VARIANTS:
             name = f"masked_ce_N{n}_V{v}_{variant}"
-            out.append((name, functools.partial(masked_case, settings, n, v, variant, name), 0))
-    for n, h, v, trainable, instr in GPU_LINEAR if cuda else CPU_LINEAR:
+            priority = 1 if cuda and (v != GPU_HEADLINE_VOCAB or variant != "plain") else 0
+            out.append((name, functools.partial(masked_case, settings, n, v, variant, name), priority))
+    for n, h, v, trainable, instr in linear:
         head = "trainable" if trainable else "frozen"
         name = f"linear_ce_N{n}_H{h}_V{v}_{head}{'_instr_half' if instr else ''}"
-        out.append((name, functools.partial(linear_case, settings, n, h, v, trainable, instr, name), 0))
+        priority = 1 if cuda and (v != GPU_HEADLINE_VOCAB or instr) else 0
+        out.append((name, functools.partial(linear_case, settings, n, h, v, trainable, instr, name), priority))
     return out

@@ -36,6 +36,7 @@ class Settings:
     device: torch.device
     dtype: torch.dtype
     quick: bool = False
+    smoke: bool = False            # one tiny case per suite (GPU_CHECK_DRY_RUN): checks the plumbing only
     cpu_budget_s: float = 2.0
     cpu_min_reps: int = 3
     cpu_min_reps_slow: int = 2     # for steps slower than a second
@@ -46,10 +47,10 @@ class Settings:
     cuda_max_reps: int = 100
 
     @classmethod
-    def make(cls, device: torch.device, dtype: torch.dtype, quick: bool) -> "Settings":
-        if quick:
-            return cls(device, dtype, True, cpu_budget_s=0.15, cpu_min_reps=2, cpu_min_reps_slow=1, cpu_max_reps=10,
-                       cuda_warmup_ms=2.0, cuda_rep_ms=8.0, cuda_min_reps=2)
+    def make(cls, device: torch.device, dtype: torch.dtype, quick: bool, smoke: bool = False) -> "Settings":
+        if quick or smoke:
+            return cls(device, dtype, True, smoke, cpu_budget_s=0.15, cpu_min_reps=2, cpu_min_reps_slow=1,
+                       cpu_max_reps=10, cuda_warmup_ms=2.0, cuda_rep_ms=8.0, cuda_min_reps=2)
         return cls(device, dtype, False)
 
 

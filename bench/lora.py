@@ -25,7 +25,9 @@ DROPOUTS = (0.0, 0.05)
 # CPU: the issue's headline case (2048 tokens, 1024 -> 1024, r=16) and two scaled projections.
 CPU_CASES = [(2048, 1024, 1024, 16, 0.0), (2048, 1024, 1024, 16, 0.05),
              (1024, 1024, 256, 16, 0.0), (1024, 1024, 3584, 16, 0.0)]
+SMOKE_CASES = [(64, 48, 40, 4, 0.05)]
 GPU_COMPILE_RANK = 16        # torch.compile only at this rank on the GPU (compile time)
+GPU_HEADLINE = (8192, 4096, 4096, 16)  # the issues' GPU targets: measured first (priority 0), both dropouts
 COMPILE_BUDGET_S = {"cuda": 45.0, "cpu": 150.0}
 _compile_spent_s = [0.0]
 
@@ -180,13 +182,18 @@ def build_case(settings: Settings, n: int, k: int, d: int, r: int, p: float, nam
 def cases(settings: Settings):
     """[(case name, builder, priority)] for the device: builders allocate inputs only when called;
     priority 0 runs first (GPU: r=16), priority 1 after every suite's priority-0 cases."""
-    if settings.device.type == "cuda":
+    if settings.smoke:
+        specs = SMOKE_CASES
+    elif settings.device.type == "cuda":
         specs = [(n, k, d, r, p) for (n, k, d) in GPU_SHAPES for r in GPU_RANKS for p in DROPOUTS]
     else:
         specs = CPU_CASES
     out = []
     for n, k, d, r, p in specs:
         name = f"N{n}_K{k}_D{d}_r{r}_p{p:g}"
-        priority = 0 if settings.device.type == "cpu" or r == GPU_COMPILE_RANK else 1
+        if settings.device.type == "cpu" or (n, k, d, r) == GPU_HEADLINE:
+            priority = 0
+        else:
+            priority = 1 if r == GPU_COMPILE_RANK else 2
         out.append((name, functools.partial(build_case, settings, n, k, d, r, p, name), priority))
     return out

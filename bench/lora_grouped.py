@@ -22,6 +22,7 @@ from bench.providers import fusedpeft_attr, fusedpeft_providers
 # (N, K, (D_q, D_k, D_v), r): Llama-3-8B attention on the GPU, scaled down on the CPU
 GPU_CASES = [(8192, 4096, (4096, 1024, 1024), 16)]
 CPU_CASES = [(2048, 1024, (1024, 256, 256), 16)]
+SMOKE_CASES = [(64, 48, (48, 16, 16), 4)]
 
 
 def build_case(settings: Settings, n: int, k: int, outs: tuple[int, ...], r: int, name: str) -> Case:
@@ -96,7 +97,8 @@ def build_case(settings: Settings, n: int, k: int, outs: tuple[int, ...], r: int
 
 def cases(settings: Settings):
     """[(case name, builder, priority)] for the device."""
-    specs = GPU_CASES if settings.device.type == "cuda" else CPU_CASES
+    specs = SMOKE_CASES if settings.smoke else GPU_CASES if settings.device.type == "cuda" else CPU_CASES
+    priority = 1 if settings.device.type == "cuda" else 0  # on the GPU after every suite's headline cases
     return [(f"N{n}_K{k}_D{'+'.join(map(str, outs))}_r{r}", functools.partial(
-        build_case, settings, n, k, outs, r, f"N{n}_K{k}_D{'+'.join(map(str, outs))}_r{r}"), 0)
+        build_case, settings, n, k, outs, r, f"N{n}_K{k}_D{'+'.join(map(str, outs))}_r{r}"), priority)
         for n, k, outs, r in specs]

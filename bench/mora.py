@@ -22,6 +22,8 @@ from bench.lora import floor_work
 # (N, K, D, mora_type, r)
 GPU_CASES = [(8192, 4096, 4096, 6, 8), (8192, 4096, 4096, 1, 256), (8192, 4096, 14336, 6, 8), (8192, 14336, 4096, 6, 8)]
 CPU_CASES = [(2048, 1024, 1024, 6, 8), (2048, 1024, 1024, 1, 8)]
+SMOKE_CASES = [(64, 40, 48, 6, 4)]
+GPU_HEADLINE = GPU_CASES[:2]  # 4096 -> 4096, types 6 and 1: the issues' GPU targets, measured first
 
 
 def r_hat_of(k: int, d: int, r: int, mora_type: int) -> int:
@@ -139,9 +141,10 @@ def build_case(settings: Settings, n: int, k: int, d: int, mora_type: int, r: in
 
 def cases(settings: Settings):
     """[(case name, builder, priority)] for the device."""
-    specs = GPU_CASES if settings.device.type == "cuda" else CPU_CASES
+    specs = SMOKE_CASES if settings.smoke else GPU_CASES if settings.device.type == "cuda" else CPU_CASES
     out = []
     for n, k, d, mora_type, r in specs:
         name = f"N{n}_K{k}_D{d}_type{mora_type}_r{r}"
-        out.append((name, functools.partial(build_case, settings, n, k, d, mora_type, r, name), 0))
+        priority = 1 if settings.device.type == "cuda" and (n, k, d, mora_type, r) not in GPU_HEADLINE else 0
+        out.append((name, functools.partial(build_case, settings, n, k, d, mora_type, r, name), priority))
     return out

@@ -31,6 +31,7 @@ from bench import ce, lora, lora_grouped, mora
 from bench.common import Settings, run_case
 from bench.memory import validate_cpu_method
 from bench.plot import plot_results
+from bench.providers import INTERPRETED_TRITON
 
 REPO = Path(__file__).resolve().parent.parent
 SUITES = {"lora": lora.cases, "lora_grouped": lora_grouped.cases, "mora": mora.cases, "ce": ce.cases}
@@ -44,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--out", default=None, help="output folder (default: $OUT, else bench/results/local)")
     parser.add_argument("--quick", action="store_true", help="fewer timed runs (smoke test)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one tiny case per suite with --quick's timing: checks that every suite runs, "
+                             "measures nothing worth reading (bench/gpu_check.sh's dry run)")
     parser.add_argument("--cases", default=None, help="comma-separated substrings of 'suite/case' to keep")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's choice); 1 is steadier on a busy machine")
@@ -127,7 +131,8 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = Settings.make(device, dtype, args.quick)
+    settings = Settings.make(device, dtype, args.quick, args.smoke)
+    INTERPRETED_TRITON["allowed"] = args.smoke and os.environ.get("TRITON_INTERPRET") == "1"
     out_dir = Path(args.out or os.environ.get("OUT") or REPO / "bench" / "results" / "local")
     out_dir.mkdir(parents=True, exist_ok=True)
     suite_names = list(SUITES) if args.suite == "all" else [args.suite]
@@ -135,7 +140,7 @@ def main(argv=None) -> int:
 
     info = machine_info(device)
     print(f"fusedpeft bench: suites {suite_names} on {info['device_name']} ({device}), {str(dtype)[6:]}, "
-          f"{'quick' if args.quick else 'full'}; torch {info['torch']}, {info['cpu_count']} CPUs, {info['date']}")
+          f"{'smoke' if args.smoke else 'quick' if args.quick else 'full'}; torch {info['torch']}, {info['cpu_count']} CPUs, {info['date']}")
     print(f"fusedpeft backends: {info['fusedpeft_backends']}")
     report = {"machine": info, "settings": {k: str(v) for k, v in vars(settings).items()}, "cases": []}
     if device.type == "cpu":
