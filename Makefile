@@ -10,7 +10,7 @@ STAMP := $(VENV)/.fusedpeft-installed
 EXT_STAMP := $(VENV)/.fusedpeft-ext
 CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' \) 2>/dev/null)
 
-.PHONY: install test bench clean
+.PHONY: install test bench compat gpu-check-dry-run clean
 
 install: $(EXT_STAMP)
 
@@ -40,5 +40,16 @@ test: $(EXT_STAMP)
 bench: $(EXT_STAMP)
 	$(PY) -m bench --suite all
 
+# The GPU image's versions (Python 3.12, torch 2.11, Triton 3.6): a second venv, the extension built
+# against it, the AOT compiles and the torch/cpu test files (tools/compat_check.sh). Not part of
+# `make test`: it takes over 10 minutes on the 2-core machine (README); run it before submitting
+# kernel, setup.py or dependency changes.
+compat:
+	tools/compat_check.sh
+
+# bench/gpu_check.sh's every stage on CPU at tiny shapes (also run by tests/test_gpu_check.py)
+gpu-check-dry-run: $(EXT_STAMP)
+	GPU_CHECK_DRY_RUN=1 PYTHON=$(PY) OUT=$${OUT:-bench/results/local/gpu-check-dry-run} bench/gpu_check.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info fusedpeft/*.so .pytest_cache
+	rm -rf $(VENV) .venv-compat build *.egg-info fusedpeft/*.so .pytest_cache
