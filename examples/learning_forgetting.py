@@ -33,8 +33,8 @@ committed results): learning_forgetting.json (every number) and four PNGs: _trad
 against learning over training, the paper's trade-off figure), _curves (both against the step),
 _final (per method at the last step), _spectra (ΔW spectra and 90%-variance ranks).
 
-    python examples/learning_forgetting.py            # a few minutes on a 2-core CPU
-    python examples/learning_forgetting.py --quick    # ~20 seconds, a smoke run
+    python examples/learning_forgetting.py            # ~3-4 minutes on a loaded 2-core CPU
+    python examples/learning_forgetting.py --quick    # ~10-20 seconds, a smoke run
 """
 
 from __future__ import annotations
@@ -96,6 +96,34 @@ def update_spectra(model, base_state: dict) -> dict:
             out[f"layer {parts[2]} {parts[-2]}"] = {"shape": list(delta.shape), "rank90": variance_rank(delta),
                                                      "singular_values": torch.linalg.svdvals(delta).tolist()}
     return out
+
+
+def at_learning(rows: list[dict], level: float) -> dict:
+    """Task A accuracy and loss increase where B accuracy first reaches ``level`` (linear interpolation
+    between the two checkpoints around it); None when it never does."""
+    if rows[0]["B_accuracy"] >= level:
+        return {k: rows[0][k] for k in ("step", "A_accuracy", "forgetting_loss")}
+    for before, after in zip(rows, rows[1:]):
+        if before["B_accuracy"] < level <= after["B_accuracy"]:
+            t = (level - before["B_accuracy"]) / (after["B_accuracy"] - before["B_accuracy"])
+            return {"step": before["step"] + t * (after["step"] - before["step"]),
+                    **{k: before[k] + t * (after[k] - before[k]) for k in ("A_accuracy", "forgetting_loss")}}
+    return None
+
+
+def summary(results: dict) -> dict:
+    """One row per method: final learning and forgetting, forgetting at equal learning (the lowest
+    final B accuracy of all methods), and the 90%-variance rank of ΔW (median and max over matrices)."""
+    runs = results["runs"]
+    level = min(run["eval"][-1]["B_accuracy"] for run in runs.values())
+    rows = {}
+    for label, run in runs.items():
+        final, ranks = run["eval"][-1], sorted(s["rank90"] for s in run["delta_w"].values())
+        rows[label] = {"trainable_parameters": run["trainable_parameters"], "B_accuracy": final["B_accuracy"],
+                       "A_accuracy": final["A_accuracy"], "A_loss_increase": final["forgetting_loss"],
+                       "at_equal_learning": at_learning(run["eval"], level),
+                       "rank90_median": ranks[len(ranks) // 2], "rank90_max": ranks[-1]}
+    return {"equal_learning_B_accuracy": level, "methods": rows}
 
 
 def methods(args) -> dict:
@@ -191,9 +219,15 @@ def main(argv=None) -> dict:
     shapes = {tuple(s["shape"]) for s in next(iter(results["runs"].values()))["delta_w"].values()}
     results["random_gaussian_rank90"] = {f"{m}x{n}": variance_rank(torch.randn(m, n, generator=generator))
                                          for m, n in sorted(shapes)}
+    results["summary"] = summary(results)
     results["seconds"] = time.perf_counter() - start
     save_json(args.out / "learning_forgetting.json", results)
     figures(args.out, results)
+    level = results["summary"]["equal_learning_B_accuracy"]
+    for label, row in results["summary"]["methods"].items():
+        at = row["at_equal_learning"]
+        print(f"at B accuracy {level:.3f}: {label:34s} A accuracy {at['A_accuracy']:.3f}  A loss "
+              f"{at['forgetting_loss']:+.2f}  (step {at['step']:.0f})" if at else f"{label}: never reached", flush=True)
     print(f"total {results['seconds']:.0f} s", flush=True)
     return results
 

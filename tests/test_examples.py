@@ -89,7 +89,8 @@ def test_learning_forgetting_quick():
         for suffix in ("tradeoff", "curves", "final", "spectra"):
             assert (out / f"learning_forgetting_{suffix}.png").stat().st_size > 10_000
         saved = json.loads((out / "learning_forgetting.json").read_text())
-        assert set(saved) == {"config", "pretrain", "runs", "random_gaussian_rank90", "seconds"}
+        assert set(saved) == {"config", "pretrain", "runs", "random_gaussian_rank90", "summary", "seconds"}
+        assert set(saved["summary"]["methods"]) == set(saved["runs"])
         assert set(saved["pretrain"]["base"]) == {"A_accuracy", "A_answer_loss", "B_accuracy", "B_answer_loss"}
         runs = saved["runs"]
         assert list(runs) == ["full fine-tuning", "full, weight decay 1", "full, attention dropout 0.1", "LoRA r=2",
@@ -115,6 +116,19 @@ def test_learning_forgetting_quick():
         assert runs["LoRA r=2"]["trainable_parameters"] < runs["LoRA r=8"]["trainable_parameters"] < full
     finally:
         shutil.rmtree(out)
+
+
+def test_at_learning_interpolates_the_first_crossing():
+    at_learning = _load("learning_forgetting").at_learning
+    rows = [{"step": 0, "B_accuracy": 0.1, "A_accuracy": 1.0, "forgetting_loss": 0.0},
+            {"step": 10, "B_accuracy": 0.5, "A_accuracy": 0.8, "forgetting_loss": 1.0},
+            {"step": 20, "B_accuracy": 0.4, "A_accuracy": 0.6, "forgetting_loss": 2.0},
+            {"step": 30, "B_accuracy": 0.9, "A_accuracy": 0.4, "forgetting_loss": 3.0}]
+    assert at_learning(rows, 0.3) == pytest.approx({"step": 5.0, "A_accuracy": 0.9, "forgetting_loss": 0.5})
+    assert at_learning(rows, 0.5) == pytest.approx({"step": 10.0, "A_accuracy": 0.8, "forgetting_loss": 1.0})
+    assert at_learning(rows, 0.7) == pytest.approx({"step": 26.0, "A_accuracy": 0.48, "forgetting_loss": 2.6})
+    assert at_learning(rows, 0.05) == {"step": 0, "A_accuracy": 1.0, "forgetting_loss": 0.0}
+    assert at_learning(rows, 0.95) is None
 
 
 def test_variance_rank_on_a_known_spectrum():
