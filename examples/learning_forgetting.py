@@ -173,7 +173,9 @@ def main(argv=None) -> dict:
     train_b = task("B", args.train_size, args.seed + 4, frozenset(x["prompt"] for x in test_b))
     eval_a = answer_metrics(collator, test_a, tokenizer.eos_token_id)
     eval_b = answer_metrics(collator, test_b, tokenizer.eos_token_id)
-    both = lambda model: {f"{t}_{k}": v for t, e in (("A", eval_a), ("B", eval_b)) for k, v in e(model).items()}  # noqa: E731
+
+    def both(model) -> dict:
+        return {f"{t}_{k}": v for t, e in (("A", eval_a), ("B", eval_b)) for k, v in e(model).items()}
 
     base = fp.patch_causal_lm(tiny_llama(len(tokenizer), hidden=args.hidden, layers=args.layers, seed=args.seed),
                               instruction_weight=0.0)
