@@ -8,8 +8,9 @@ randomly initialised tiny Llama with transformers.Trainer, InstructionCollator a
 patch_causal_lm(model, instruction_weight=w); held-out progressions (start, step, length unseen
 together) measure the answer accuracy (greedy next token after the prompt) and the answer loss.
 
-Outputs under --out: instruction_weighting.png (training objective, held-out answer loss,
-held-out accuracy), instruction_weighting.json.
+Outputs under --out (default examples/results/; with --quick a new temporary folder, printed, so
+a smoke run never overwrites the committed results): instruction_weighting.png (training
+objective, held-out answer loss, held-out accuracy), instruction_weighting.json.
 
     python examples/instruction_weighting.py            # ~3-5 minutes on a 2-core CPU
     python examples/instruction_weighting.py --quick    # ~20 seconds, a smoke run
@@ -26,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fusedpeft as fp  # noqa: E402
-from example_utils import EvalCurve, plot, save_json, tiny_llama, train, word_tokenizer  # noqa: E402
+from example_utils import EvalCurve, answer_metrics, output_dir, plot, save_json, tiny_llama, train, word_tokenizer  # noqa: E402
 
 WORDS = ["continue", "the", "sequence", ":", "next"] + [str(i) for i in range(100)]
 
@@ -44,26 +45,10 @@ def progressions(seed: int) -> list[dict]:
     return items
 
 
-def answer_metrics(collator, examples, eos_id: int, batch_size: int = 256):
-    """Accuracy of the greedy answer token and its mean cross-entropy (answers are one token)."""
-    def evaluate(model) -> dict:
-        correct = total = 0
-        loss = 0.0
-        for i in range(0, len(examples), batch_size):
-            batch = collator(examples[i:i + batch_size])
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            target = batch["labels"][:, 1:]
-            answer = ~batch["instruction_mask"][:, 1:] & target.ne(-100) & target.ne(eos_id)
-            correct += (logits.argmax(-1).eq(target) & answer).sum().item()
-            loss += torch.nn.functional.cross_entropy(logits[answer].float(), target[answer], reduction="sum").item()
-            total += answer.sum().item()
-        return {"accuracy": correct / total, "answer_loss": loss / total}
-    return evaluate
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: examples/results; with --quick a new temporary folder)")
     parser.add_argument("--quick", action="store_true", help="a small smoke run (~20 s)")
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.1, 1.0])
     parser.add_argument("--train-size", type=int, default=300)
@@ -77,6 +62,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.out = output_dir(args.out, args.quick, "instruction_weighting")
     if args.quick:
         args.train_size, args.test_size, args.steps = 64, 64, 40
     tokenizer = word_tokenizer(WORDS)

@@ -10,7 +10,9 @@ character level, with the loss on every token (the paper's labels = input_ids: i
 - full fine-tuning (every parameter),
 
 and the character accuracy of the values (teacher forced, given the key) is recorded during
-training. Outputs under --out: uuid_memorization.png (accuracy curves), uuid_memorization.json.
+training. Outputs under --out (default examples/results/; with --quick a new temporary folder,
+printed, so a smoke run never overwrites the committed results): uuid_memorization.png (accuracy
+curves), uuid_memorization.json.
 The loss is fusedpeft's (patch_causal_lm), the layers fusedpeft's (apply_lora / apply_mora).
 
     python examples/uuid_memorization.py            # ~3-5 minutes on a 2-core CPU
@@ -29,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fusedpeft as fp  # noqa: E402
-from example_utils import EvalCurve, plot, save_json, tiny_llama, train, trainable_parameters, word_tokenizer  # noqa: E402
+from example_utils import EvalCurve, output_dir, plot, save_json, tiny_llama, train, trainable_parameters, word_tokenizer  # noqa: E402
 
 HEX = "0123456789abcdef-:"
 
@@ -66,7 +68,8 @@ def build(method: str, rank: int, vocab: int, hidden: int, layers: int):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: examples/results; with --quick a new temporary folder)")
     parser.add_argument("--quick", action="store_true", help="a small smoke run (~30 s)")
     parser.add_argument("--pairs", type=int, default=128)
     parser.add_argument("--steps", type=int, default=300)
@@ -80,6 +83,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.out = output_dir(args.out, args.quick, "uuid_memorization")
     if args.quick:
         args.pairs, args.steps, args.hidden = 32, 24, 64
     torch.manual_seed(args.seed)
