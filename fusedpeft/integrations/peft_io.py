@@ -345,8 +345,6 @@ def _target(where: str, model: nn.Module, name: str, names: set[str]) -> nn.Modu
     parts = name.split(".")
     for i in range(1, len(parts)):
         prefix = ".".join(parts[:i])
-        if prefix in names:
-            raise ValueError(f"{where}: the file has weights for both {prefix!r} and {name!r}, a module inside it")
         try:
             outer = model.get_submodule(prefix)
         except AttributeError:
@@ -355,6 +353,8 @@ def _target(where: str, model: nn.Module, name: str, names: set[str]) -> nn.Modu
             raise ValueError(f"{where}: the file has weights for {name!r}, a module inside the "
                              f"{type(outer).__name__} {prefix!r}; keys must name target layers "
                              f"('{PREFIX}{prefix}.lora_A.weight'), not parts of an adapter")
+        if prefix in names:
+            raise ValueError(f"{where}: the file has weights for both {prefix!r} and {name!r}, a module inside it")
     try:
         return model.get_submodule(name)
     except AttributeError:
