@@ -178,7 +178,9 @@ inline void check_decompress_backward_args(const char* op, const at::Tensor& gy_
   check_matrix(op, "grad_y", gy_in, "[N, D]");
   check_floating(op, "grad_y", gy_in);
   check_mora_type(op, mora_type);
-  TORCH_CHECK(r_hat > 0 && n_chunks > 0, op, ": r_hat and n_chunks must be positive, got ", r_hat, " and ", n_chunks);
+  TORCH_CHECK(r_hat > 0, op, ": r_hat must be positive, got ", r_hat);
+  // n_chunks only sizes type 6's slots; types 2 and 3 allow r_hat > in_features (n_chunks 0)
+  TORCH_CHECK(mora_type != 6 || n_chunks > 0, op, ": n_chunks must be positive for mora_type 6, got ", n_chunks);
 }
 
 }  // namespace fusedpeft

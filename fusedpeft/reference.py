@@ -288,10 +288,11 @@ def mora_delta_weight(M: torch.Tensor, in_features: int, out_features: int, mora
 
 
 def token_loss_weights(labels, *, instruction_mask=None, instruction_weight=0.0, token_weights=None,
-                       ignore_index=-100) -> torch.Tensor:
-    """w_t (float32, labels' shape; float64 with float64 token_weights): 0 on ignore_index, else
-    1 x instruction_weight on masked tokens x token_weights."""
-    w = (labels != ignore_index).float()
+                       ignore_index=-100, dtype=torch.float32) -> torch.Tensor:
+    """w_t (dtype, labels' shape; float64 with float64 token_weights): 0 on ignore_index, else
+    1 x instruction_weight on masked tokens x token_weights (float64 losses pass dtype=float64 so
+    that instruction_weight is not rounded to float32)."""
+    w = (labels != ignore_index).to(dtype)
     if instruction_mask is not None:
         w = torch.where(instruction_mask.bool(), w * instruction_weight, w)
     if token_weights is not None:

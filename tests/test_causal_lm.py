@@ -131,7 +131,8 @@ def test_instruction_mask_and_token_weights(instruction_weight):
     token_weights = torch.rand(ids.shape, dtype=torch.float64) * 2
     logits = model(input_ids=ids, attention_mask=attention).logits.detach()
     fp.patch_causal_lm(model, instruction_weight=instruction_weight)
-    inst = torch.where(mask, instruction_weight, 1.0).double()
+    # float64 weights: a float64 loss must not round instruction_weight to float32
+    inst = torch.where(mask, torch.tensor(instruction_weight, dtype=torch.float64), 1.0)
     loss = model(input_ids=ids, attention_mask=attention, labels=labels, instruction_mask=mask).loss
     torch.testing.assert_close(loss, _hand_weighted_loss(logits, labels, inst), rtol=1e-10, atol=1e-12)
     loss = model(input_ids=ids, attention_mask=attention, labels=labels, instruction_mask=mask,

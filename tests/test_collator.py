@@ -131,6 +131,7 @@ def test_bad_input():
 
 def test_pads_with_eos_without_pad_token():
     tok = word_tokenizer(pad=False)
-    batch = fp.InstructionCollator(tok)([{"prompt": "two", "completion": "four"}, {"prompt": "two two", "completion": "four"}])
+    examples = [{"prompt": "two", "completion": "four"}, {"prompt": "two two", "completion": "four"}]
+    batch = fp.InstructionCollator(tok)(examples)
     assert batch["input_ids"][0, -1].item() == tok.eos_token_id and batch["labels"][0, -1].item() == -100
 

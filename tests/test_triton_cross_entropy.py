@@ -173,7 +173,8 @@ def check_linear_cross_entropy(rows, hidden_size, vocab, dtype, atol, device, bi
     hidden, weight, b, labels = _linear_inputs(rows, hidden_size, vocab, dtype, device, bias, trainable, masked)
     loss = fp.linear_cross_entropy(hidden, weight, labels, b, chunk_budget_bytes=budget, backend="triton", **kw)
     inputs = [hidden] + ([weight] + ([b] if bias else []) if trainable else [])
-    inputs64 = {id(t): t.detach().double().requires_grad_(t.requires_grad) for t in (hidden, weight, b) if t is not None}
+    inputs64 = {id(t): t.detach().double().requires_grad_(t.requires_grad)
+                for t in (hidden, weight, b) if t is not None}
     h64, w64 = inputs64[id(hidden)], inputs64[id(weight)]
     b64 = inputs64[id(b)] if bias else None
     want = ref.linear_cross_entropy(h64, w64, labels, b64, **kw)

@@ -19,6 +19,9 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
 def check_base(where: str, base) -> None:
     if not isinstance(base, nn.Linear):
         raise TypeError(f"{where}: base must be a torch.nn.Linear, got {type(base).__name__}")
+    if base.in_features <= 0 or base.out_features <= 0:
+        raise ValueError(f"{where}: base must have in_features >= 1 and out_features >= 1, got a "
+                         f"{base.in_features} -> {base.out_features} layer (a zero-width layer has nothing to adapt)")
 
 
 class AdapterLinear(nn.Module):
@@ -43,6 +46,14 @@ class AdapterLinear(nn.Module):
             return self.base_layer(x)
         p = self.dropout if self.training else 0.0
         return self.adapted_forward(x, p, new_dropout_seed() if p > 0.0 else None)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.merged:
+            warnings.warn(f"{type(self).__name__} {prefix.rstrip('.') or '(root)'} is merged: its base_layer.weight "
+                          f"in this state_dict already holds ΔW, and a state_dict records no merged flag; load it "
+                          f"only into a merged layer, or unmerge() before saving (loaded into an unmerged layer, ΔW "
+                          f"would count twice)", stacklevel=3)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def adapted_forward(self, x: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - every subclass defines it

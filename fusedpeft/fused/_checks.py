@@ -3,8 +3,10 @@
 Messages name the argument, what it got (shape, dtype, device, value) and what it needs. Value
 checks that read tensor contents (label range, token weight signs) run on CPU tensors always and
 on GPU tensors only with FUSEDPEFT_CHECKS=1, because there they cost a host synchronisation.
-Inside torch.compile they are skipped (a data-dependent branch cannot be traced); there, as on
-an unchecked GPU, an out-of-range label gets weight 0 and is never read out of bounds.
+Inside torch.compile (a data-dependent branch cannot be traced) the same checks become
+``torch._assert_async`` nodes in the graph: RuntimeError on CPU, a device-side assert on GPU
+(which ends the CUDA context), under the same rule. Unchecked (GPU without FUSEDPEFT_CHECKS=1),
+an out-of-range label gets weight 0 and is never read out of bounds.
 """
 
 from __future__ import annotations
@@ -15,22 +17,36 @@ import os
 
 import torch
 
+from fusedpeft.reference import MORA_TYPES
+
 
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
 def content_checks_enabled(t: torch.Tensor) -> bool:
-    if torch.compiler.is_compiling():
-        return False
     return t.device.type == "cpu" or os.environ.get("FUSEDPEFT_CHECKS", "0") == "1"
+
+
+def _fail_where(bad: torch.Tensor, message) -> None:
+    """Raise ValueError(message()) if any element of the bool tensor ``bad`` is True; inside
+    torch.compile, a traced assert (RuntimeError / device assert) with the generic message."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), message(None))
+    elif bool(bad.any()):
+        raise ValueError(message(bad))
+
+
+# the float dtypes every backend computes in (float8 and other exotic floats are rejected up front)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_tensor(where: str, name: str, value, *, floating: bool = False, integer: bool = False) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(value).__name__}")
-    if floating and not value.is_floating_point():
-        raise TypeError(f"{where}: {name} must be a floating-point tensor, got {_describe(value)}")
+    if floating and value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{where}: {name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got "
+                        f"{_describe(value)}")
     if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
         raise TypeError(f"{where}: {name} must be an integer tensor (torch.long), got {_describe(value)}")
 
@@ -56,6 +72,12 @@ def check_non_negative(where: str, name: str, value) -> None:
 def check_positive_int(where: str, name: str, value) -> None:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")
+
+
+def check_mora_type(where: str, name: str, value) -> None:
+    """A MoRA type: an int (not a bool, not a float) in (1, 2, 3, 4, 6)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value not in MORA_TYPES:
+        raise ValueError(f"{where}: {name} must be one of {MORA_TYPES}, got {value!r} (an int, not a bool or float)")
 
 
 def check_linear_input(where: str, x, weight: torch.Tensor) -> None:
@@ -87,9 +109,13 @@ def check_loss_options(where: str, *, reduction, label_smoothing, z_loss, softca
         raise ValueError(f"{where}: num_items_in_batch replaces the 'mean' denominator, but reduction="
                          f"{reduction!r}; use reduction='mean' with it, or drop it")
     if isinstance(num_items_in_batch, torch.Tensor):
-        if num_items_in_batch.numel() != 1:
-            raise ValueError(f"{where}: num_items_in_batch must be a number or a one-element tensor, got "
+        if num_items_in_batch.numel() != 1 or num_items_in_batch.dtype == torch.bool or num_items_in_batch.is_complex():
+            raise ValueError(f"{where}: num_items_in_batch must be a number or a one-element real tensor, got "
                              f"{_describe(num_items_in_batch)}")
+        if content_checks_enabled(num_items_in_batch):
+            n = num_items_in_batch.reshape(())
+            _fail_where(~(n.isfinite() & (n >= 0)), lambda bad: f"{where}: num_items_in_batch must be >= 0 and "
+                                                                f"finite, got {'a tensor' if bad is None else n}")
     elif not isinstance(num_items_in_batch, numbers.Real) or isinstance(num_items_in_batch, bool) \
             or not math.isfinite(num_items_in_batch) or num_items_in_batch < 0:
         raise ValueError(f"{where}: num_items_in_batch must be a number >= 0 or a tensor, got {num_items_in_batch!r}")
@@ -103,11 +129,13 @@ def check_labels(where: str, labels, vocab: int, expected_shape: tuple, expected
                          f"{tuple(expected_shape)} (labels are aligned with the rows; nothing is shifted inside)")
     check_same_device(where, "labels", labels, "the logits/hidden states", torch.empty(0, device=device))
     if content_checks_enabled(labels) and labels.numel():
-        bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
-        if bool(bad.any()):
+        def message(bad):
+            if bad is None:
+                return f"{where}: a label is outside [0, {vocab}) and is not ignore_index={ignore_index}"
             position = tuple(int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"{where}: labels{list(position)} = {int(labels[position])} is outside [0, {vocab}) "
-                             f"and is not ignore_index={ignore_index}")
+            return (f"{where}: labels{list(position)} = {int(labels[position])} is outside [0, {vocab}) and is "
+                    f"not ignore_index={ignore_index}")
+        _fail_where(((labels < 0) | (labels >= vocab)) & (labels != ignore_index), message)
 
 
 def check_row_tensor(where: str, name: str, value, labels: torch.Tensor, *, weights: bool) -> None:
@@ -123,9 +151,8 @@ def check_row_tensor(where: str, name: str, value, labels: torch.Tensor, *, weig
                          f"{tuple(labels.shape)}")
     check_same_device(where, name, value, "labels", labels)
     if weights and content_checks_enabled(value) and value.numel():
-        if not bool(value.isfinite().all()):
-            raise ValueError(f"{where}: {name} contains NaN or infinite values; every token weight must be a "
-                             f"finite number >= 0")
-        if bool((value < 0).any()):
-            raise ValueError(f"{where}: {name} has negative entries (min {float(value.min())}); token weights "
-                             f"must be >= 0")
+        _fail_where(~value.isfinite(), lambda bad: f"{where}: {name} contains NaN or infinite values; every token "
+                                                   f"weight must be a finite number >= 0")
+        _fail_where(value < 0, lambda bad: f"{where}: {name} has negative entries"
+                                           f"{'' if bad is None else f' (min {float(value.min())})'}; token "
+                                           f"weights must be >= 0")

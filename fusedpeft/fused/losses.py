@@ -70,8 +70,8 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, instruction_mask=
     where = "fusedpeft.linear_cross_entropy"
     check_tensor(where, "hidden", hidden, floating=True)
     check_tensor(where, "weight", weight, floating=True)
-    if weight.dim() != 2 or hidden.dim() == 0 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
-        raise ValueError(f"{where}: weight must be [V, H] with H = hidden.shape[-1]; got weight shape "
+    if weight.dim() != 2 or hidden.dim() == 0 or weight.shape[1] != hidden.shape[-1] or 0 in weight.shape:
+        raise ValueError(f"{where}: weight must be [V, H] with H = hidden.shape[-1] and V, H >= 1; got weight shape "
                          f"{tuple(weight.shape)} and hidden shape {tuple(hidden.shape)}")
     check_same_device(where, "weight", weight, "hidden", hidden)
     cast = autocast_dtype(hidden.device.type)

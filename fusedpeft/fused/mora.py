@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from fusedpeft.backends import check_backend_name
-from fusedpeft.fused._checks import check_positive_int, check_probability
+from fusedpeft.fused._checks import check_mora_type, check_positive_int, check_probability
 from fusedpeft.fused._adapter import AdapterLinear, adapter_dtype, check_base
 from fusedpeft.ops.mora import mora_delta_weight, mora_linear
-from fusedpeft.reference import MORA_TYPES, mora_padding, mora_r_hat
+from fusedpeft.reference import mora_padding, mora_r_hat
 
 
 # ReMoRA's default type cycle (the MoRA reference's ResetReloraCallback with remora_types=4)
@@ -50,8 +50,7 @@ class MoRALinear(AdapterLinear):
         where = "fusedpeft.MoRALinear"
         check_base(where, base)
         check_positive_int(where, "r", r)
-        if mora_type not in MORA_TYPES:
-            raise ValueError(f"{where}: mora_type must be one of {MORA_TYPES}, got {mora_type!r}")
+        check_mora_type(where, "mora_type", mora_type)
         check_probability(where, "dropout", dropout)
         check_backend_name(backend)
         r_hat = _checked_r_hat(where, base.in_features, base.out_features, r, mora_type)
@@ -92,8 +91,7 @@ class MoRALinear(AdapterLinear):
                 raise ValueError(f"{where}: mora_type {self.mora_type} has no successor in the ReMoRA cycle "
                                  f"{REMORA_CYCLE}; pass next_type explicitly (e.g. 6 to keep RoPE compression)")
             next_type = REMORA_CYCLE[self.mora_type]
-        if next_type not in MORA_TYPES:
-            raise ValueError(f"{where}: next_type must be one of {MORA_TYPES}, got {next_type!r}")
+        check_mora_type(where, "next_type", next_type)
         r_hat = _checked_r_hat(where, self.in_features, self.out_features, self.r, next_type)
         if r_hat != self.r_hat:
             raise ValueError(f"{where}: switching mora_type {self.mora_type} -> {next_type} changes r_hat from "

@@ -125,6 +125,9 @@ class InstructionCollator:
     def _encode(self, example) -> tuple[list[int], list[bool]]:
         if not isinstance(example, dict):
             raise TypeError(f"fusedpeft.InstructionCollator: each example must be a dict, got {type(example).__name__}")
+        if "messages" in example and ("prompt" in example or "completion" in example):
+            raise ValueError(f"fusedpeft.InstructionCollator: an example has both 'messages' and "
+                             f"'prompt'/'completion' (keys {sorted(example)}); give one format per example")
         if "messages" in example:
             ids, mask = self._chat(example)
         elif "prompt" in example and "completion" in example:

@@ -57,6 +57,14 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _replace_everywhere(model: nn.Module, module: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` under every name ``module`` is registered as (one nn.Linear registered twice, e.g.
+    tied projections, gets one shared adapter, not an adapter under its first name only)."""
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is module and n]
+    for name in names:
+        _set_submodule(model, name, new)
+
+
 def _find_targets(where: str, model: nn.Module, targets: tuple[str, ...],
                   explicit: bool) -> list[tuple[str, nn.Linear]]:
     """(qualified name, nn.Linear) of every target. Errors for adapted layers, PEFT layers, and (with
@@ -113,8 +121,8 @@ def _swap_in(where: str, model: nn.Module, target_modules, make) -> nn.Module:
             p.requires_grad_(flag)
         raise
     model.requires_grad_(False)
-    for name, adapter in built:
-        _set_submodule(model, name, adapter)
+    for (name, linear), (_, adapter) in zip(found, built):
+        _replace_everywhere(model, linear, adapter)
     unfreeze_adapters(model)
     return model
 
@@ -189,5 +197,5 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     for name, layer in adapters:
         if not layer.merged:
             layer.merge()
-        _set_submodule(model, name, layer.base_layer)
+        _replace_everywhere(model, layer, layer.base_layer)
     return model

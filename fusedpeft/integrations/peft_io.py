@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 import warnings
@@ -25,9 +26,10 @@ import torch
 from torch import nn
 
 from fusedpeft.fused._adapter import AdapterLinear
+from fusedpeft.fused._checks import FLOAT_DTYPES
 from fusedpeft.fused.lora import LoRALinear
 from fusedpeft.fused.mora import MoRALinear, _checked_r_hat
-from fusedpeft.integrations.models import _set_submodule, unfreeze_adapters
+from fusedpeft.integrations.models import _replace_everywhere, _set_submodule, unfreeze_adapters
 from fusedpeft.reference import MORA_TYPES, lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
@@ -212,37 +214,105 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _read(where: str, path) -> tuple[dict, dict[str, torch.Tensor]]:
+def _read(where: str, path) -> tuple[dict, dict[str, torch.Tensor], str, str]:
+    """(config, tensors, config file, weights file), each file parsed or a ValueError naming it."""
     config_file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{where}: {config_file} does not exist; path must be a directory written by "
                                 f"save_adapter or PEFT's save_pretrained")
-    with open(config_file) as f:
-        config = json.load(f)
-    if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
-        from safetensors.torch import load_file
+    try:
+        with open(config_file) as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: {config_file} is not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: {config_file} must hold a JSON object (PEFT's LoraConfig fields), got a "
+                         f"{type(config).__name__}")
+    weights_file = os.path.join(path, WEIGHTS_NAME)
+    try:
+        if os.path.isfile(weights_file):
+            from safetensors.torch import load_file
 
-        tensors = load_file(os.path.join(path, WEIGHTS_NAME))
-    elif os.path.isfile(os.path.join(path, WEIGHTS_NAME_BIN)):
-        tensors = torch.load(os.path.join(path, WEIGHTS_NAME_BIN), map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{where}: neither {WEIGHTS_NAME} nor {WEIGHTS_NAME_BIN} exists in {path}")
-    return config, tensors
+            tensors = load_file(weights_file)
+        elif os.path.isfile(os.path.join(path, WEIGHTS_NAME_BIN)):
+            weights_file = os.path.join(path, WEIGHTS_NAME_BIN)
+            tensors = torch.load(weights_file, map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(f"{where}: neither {WEIGHTS_NAME} nor {WEIGHTS_NAME_BIN} exists in {path}")
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors / unpickling errors of a damaged or hostile file
+        raise ValueError(f"{where}: {weights_file} cannot be read as adapter weights ({type(e).__name__}: {e})") from e
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
+        raise ValueError(f"{where}: {weights_file} must hold a dict of name -> tensor, got {type(tensors).__name__}")
+    return config, tensors, config_file, weights_file
 
 
-def _check_config(where: str, config: dict) -> None:
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _config_value(where: str, config_file: str, config: dict, field: str, default, ok, need: str):
+    """config[field] (default when absent) after ``ok(value)``; else ValueError naming the field and file."""
+    value = config.get(field, default)
+    if not ok(value):
+        raise ValueError(f"{where}: {config_file}: {field} = {value!r} ({type(value).__name__}) is invalid; it must "
+                         f"be {need}")
+    return value
+
+
+def _pattern(where: str, config_file: str, config: dict, field: str, ok, need: str) -> dict:
+    patterns = _config_value(where, config_file, config, field, None, lambda v: v is None or isinstance(v, dict),
+                             "an object mapping module-name patterns to values")
+    for key, value in (patterns or {}).items():
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except re.error as e:
+            raise ValueError(f"{where}: {config_file}: {field} key {key!r} is not a valid regular expression ({e})") \
+                from None
+        if not ok(value):
+            raise ValueError(f"{where}: {config_file}: {field}[{key!r}] = {value!r} is invalid; it must be {need}")
+    return patterns or {}
+
+
+def _check_config(where: str, config_file: str, config: dict) -> dict:
+    """The fields load_adapter reads, type-checked (booleans are JSON true / false, never strings)."""
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{where}: adapter_config.json has peft_type={config.get('peft_type')!r}; only LoRA "
                          f"adapters (peft_type 'LORA', MoRA with use_mora) can be loaded")
+    flags = {}
+    for field in ("use_rslora", "use_mora", "use_dora", "lora_bias", "fan_in_fan_out"):
+        flags[field] = bool(_config_value(where, config_file, config, field, False,
+                                          lambda v: v is None or isinstance(v, bool), "true, false or null"))
     for option in ("use_dora", "lora_bias", "fan_in_fan_out"):
-        if config.get(option):
+        if flags[option]:
             raise ValueError(f"{where}: the adapter has {option}=True, which fusedpeft does not implement")
     if config.get("modules_to_save"):
         raise ValueError(f"{where}: the adapter has modules_to_save={config['modules_to_save']}, which fusedpeft "
                          f"does not load")
+    positive_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
+    checked = dict(
+        use_mora=flags["use_mora"], use_rslora=flags["use_rslora"],
+        r=_config_value(where, config_file, config, "r", 8, positive_int, "a positive integer"),
+        lora_alpha=float(_config_value(where, config_file, config, "lora_alpha", 8, _is_real, "a finite number")),
+        lora_dropout=float(_config_value(where, config_file, config, "lora_dropout", 0.0,
+                                         lambda v: _is_real(v) and 0 <= v < 1, "a number in [0, 1)")),
+        rank_pattern=_pattern(where, config_file, config, "rank_pattern", positive_int, "a positive integer"),
+        alpha_pattern=_pattern(where, config_file, config, "alpha_pattern", _is_real, "a finite number"),
+    )
+    if checked["use_mora"]:
+        checked["mora_type"] = _config_value(where, config_file, config, "mora_type", 1,
+                                             lambda v: isinstance(v, int) and not isinstance(v, bool)
+                                             and v in MORA_TYPES, f"an integer in {MORA_TYPES}")
+    return checked
 
 
-def _group(where: str, tensors: dict[str, torch.Tensor], use_mora: bool) -> dict[str, dict[str, torch.Tensor]]:
+def _group(where: str, weights_file: str, tensors: dict[str, torch.Tensor],
+           use_mora: bool) -> dict[str, dict[str, torch.Tensor]]:
+    if not tensors:
+        raise ValueError(f"{where}: {weights_file} holds no tensors; an adapter file needs "
+                         f"'{PREFIX}<module>.lora_A.weight' entries")
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         match = _KEY.match(key)
@@ -251,6 +321,9 @@ def _group(where: str, tensors: dict[str, torch.Tensor], use_mora: bool) -> dict
                     in key else " (lora_bias)" if key.endswith("lora_B.bias") else "")
             raise ValueError(f"{where}: unexpected key {key!r} in the adapter file{hint}; expected only "
                              f"'{PREFIX}<module>.lora_A.weight' / '.lora_B.weight'")
+        if value.dtype not in FLOAT_DTYPES or value.dim() != 2 or 0 in value.shape:
+            raise ValueError(f"{where}: {weights_file}: {key} has shape {tuple(value.shape)} and dtype {value.dtype}; "
+                             f"adapter weights must be non-empty 2-D float16 / bfloat16 / float32 / float64 tensors")
         groups.setdefault(match["module"], {})[match["which"]] = value
     for name, pair in groups.items():
         if use_mora:
@@ -266,34 +339,55 @@ def _group(where: str, tensors: dict[str, torch.Tensor], use_mora: bool) -> dict
     return groups
 
 
+def _target(where: str, model: nn.Module, name: str, names: set[str]) -> nn.Module:
+    """The module a file key names: it exists, is an nn.Linear / adapter layer, and lies inside no
+    adapter layer or other named module (keys such as '<module>.lora_A.lora_A.weight' are refused)."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        prefix = ".".join(parts[:i])
+        try:
+            outer = model.get_submodule(prefix)
+        except AttributeError:
+            break
+        if isinstance(outer, AdapterLinear):
+            raise ValueError(f"{where}: the file has weights for {name!r}, a module inside the "
+                             f"{type(outer).__name__} {prefix!r}; keys must name target layers "
+                             f"('{PREFIX}{prefix}.lora_A.weight'), not parts of an adapter")
+        if prefix in names:
+            raise ValueError(f"{where}: the file has weights for both {prefix!r} and {name!r}, a module inside it")
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{where}: the file has weights for module {name!r}, which the model "
+                         f"({type(model).__name__}) does not have; load into the architecture it was saved "
+                         f"from") from None
+
+
 def _plan_lora(where, name, module, pair, config):
-    """(layer to install or None when adapting in place, lora_A, lora_B) after shape checks."""
+    """(layer to install or None when adapting in place, alpha, use_rslora) after shape checks."""
     A, B = pair["lora_A"], pair["lora_B"]
     base = module.base_layer if isinstance(module, AdapterLinear) else module
     r = A.shape[0]
-    if A.dim() != 2 or B.dim() != 2 or A.shape[1] != base.in_features or tuple(B.shape) != (base.out_features, r):
+    if A.shape[1] != base.in_features or tuple(B.shape) != (base.out_features, r):
         raise ValueError(f"{where}: module {name!r} is {base.in_features}->{base.out_features}, but the file has "
                          f"lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}; they need [r, {base.in_features}] and "
                          f"[{base.out_features}, r] (same architecture as when saved?)")
-    alpha = float(_pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8)))
-    rslora = bool(config.get("use_rslora", False))
+    alpha = float(_pattern_value(config["alpha_pattern"], name, config["lora_alpha"]))
+    rslora = config["use_rslora"]
     if isinstance(module, AdapterLinear):
         if module.r != r:
             raise ValueError(f"{where}: module {name!r} is a LoRALinear with r={module.r}, the file has r={r}")
         return None, alpha, rslora
-    return LoRALinear(module, r=r, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)),
-                      use_rslora=rslora), alpha, rslora
+    return LoRALinear(module, r=r, alpha=alpha, dropout=config["lora_dropout"], use_rslora=rslora), alpha, rslora
 
 
 def _plan_mora(where, name, module, pair, config):
     M = pair["lora_A"]
     base = module.base_layer if isinstance(module, AdapterLinear) else module
-    mora_type = config.get("mora_type", 1)
-    if mora_type not in MORA_TYPES:
-        raise ValueError(f"{where}: adapter_config.json has mora_type={mora_type!r}; it must be one of {MORA_TYPES}")
-    r = int(_pattern_value(config.get("rank_pattern"), name, config.get("r", 8)))
-    r_hat = _checked_r_hat(where, base.in_features, base.out_features, r, mora_type)
-    if M.dim() != 2 or tuple(M.shape) != (r_hat, r_hat):
+    mora_type = config["mora_type"]
+    r = _pattern_value(config["rank_pattern"], name, config["r"])
+    r_hat = _checked_r_hat(f"{where}: module {name!r}", base.in_features, base.out_features, r, mora_type)
+    if tuple(M.shape) != (r_hat, r_hat):
         raise ValueError(f"{where}: module {name!r} ({base.in_features}->{base.out_features}) at r={r}, "
                          f"mora_type={mora_type} needs M [{r_hat}, {r_hat}], but the file has {tuple(M.shape)}")
     if isinstance(module, AdapterLinear):
@@ -301,7 +395,7 @@ def _plan_mora(where, name, module, pair, config):
             raise ValueError(f"{where}: module {name!r} is a MoRALinear with r_hat={module.r_hat}, the file has "
                              f"{r_hat}")
         return None, mora_type, None
-    return MoRALinear(module, r=r, mora_type=mora_type, dropout=float(config.get("lora_dropout", 0.0))), mora_type, None
+    return MoRALinear(module, r=r, mora_type=mora_type, dropout=config["lora_dropout"]), mora_type, None
 
 
 @torch.no_grad()
@@ -313,14 +407,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     lora_dropout; MoRA: r / rank_pattern and mora_type from the config); an existing adapter layer
     of the same kind and shape gets the weights copied in (and the file's scaling / mora_type).
     Then everything but the adapters is frozen, as apply_lora does. Tensors are copied to each
-    layer's device and adapter dtype. Every check (config, keys, module names, shapes, adapter
-    layers of the model left without weights) runs before the model is changed.
+    layer's device and adapter dtype. Every check runs before the model is changed, and a failed
+    load leaves it as it was: config fields read (booleans must be JSON true / false, r and
+    rank_pattern positive ints, lora_alpha / alpha_pattern finite numbers, patterns valid regexes,
+    lora_dropout in [0, 1), mora_type in 1-4, 6), keys (each names a target nn.Linear or adapter
+    layer, never a module inside an adapter), tensors (at least one; non-empty 2-D float), shapes,
+    and adapter layers of the model left without weights. Errors are ValueError naming the
+    field or key and the file.
     """
-    where = "fusedpeft.load_adapter"
-    config, tensors = _read(where, path)
-    _check_config(where, config)
-    use_mora = bool(config.get("use_mora", False))
-    groups = _group(where, tensors, use_mora)
+    where = f"fusedpeft.load_adapter({os.fspath(path)!r})"
+    raw, tensors, config_file, weights_file = _read(where, path)
+    config = _check_config(where, config_file, raw)
+    use_mora = config["use_mora"]
+    groups = _group(where, weights_file, tensors, use_mora)
     model = _unwrap(model)
     want = MoRALinear if use_mora else LoRALinear
     existing = {n for n, m in model.named_modules() if isinstance(m, AdapterLinear)}
@@ -328,15 +427,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{where}: the file has no weights for the model's adapter layers "
                          f"{sorted(existing - set(groups))[:5]}")
     grad_state = [(p, p.requires_grad) for p in model.parameters()]
-    plans = []
+    plans, seen = [], {}
     try:
         for name, pair in groups.items():
-            try:
-                module = model.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"{where}: the file has weights for module {name!r}, which the model "
-                                 f"({type(model).__name__}) does not have; load into the architecture it was saved "
-                                 f"from") from None
+            module = _target(where, model, name, set(groups))
+            if id(module) in seen:
+                raise ValueError(f"{where}: the file has weights for {seen[id(module)]!r} and {name!r}, two names of "
+                                 f"one module; keep one")
+            seen[id(module)] = name
             if isinstance(module, AdapterLinear) and not isinstance(module, want):
                 raise ValueError(f"{where}: module {name!r} is a {type(module).__name__} but the file holds a "
                                  f"{want.__name__} adapter")
@@ -362,6 +460,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             layer.alpha, layer.use_rslora = setting, rslora
             layer.scaling = lora_scaling(layer.r, setting, rslora)
         if new is not None:
-            _set_submodule(model, name, new)
+            _replace_everywhere(model, module, new)
     unfreeze_adapters(model)
     return model

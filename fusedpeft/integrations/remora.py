@@ -51,7 +51,8 @@ class ReMoRACallback(TrainerCallback):
         where = "fusedpeft.ReMoRACallback"
         check_positive_int(where, "every_n_steps", every_n_steps)
         types = tuple(types)
-        if not types or any(t not in MORA_TYPES for t in types) or len(set(types)) != len(types):
+        not_types = [t for t in types if isinstance(t, bool) or not isinstance(t, int) or t not in MORA_TYPES]
+        if not types or not_types or len(set(types)) != len(types):
             raise ValueError(f"{where}: types must be a non-empty sequence of distinct values from {MORA_TYPES}, got "
                              f"{types!r}")
         self.every_n_steps = every_n_steps

@@ -133,8 +133,9 @@ class Geometry:
 
     @property
     def n_tiles(self) -> int:
-        """Output tiles of period n R (type 6: > 1 when n R < D)."""
-        return math.ceil(self.D / self.span)
+        """Output tiles of period n R (type 6: > 1 when n R < D); 1 when span is 0 (types 2, 3 with
+        R > K have no chunks, and only type 6 reads this)."""
+        return math.ceil(self.D / self.span) if self.span else 1
 
     @property
     def in_contig(self) -> bool:

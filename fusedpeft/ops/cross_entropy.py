@@ -193,7 +193,8 @@ def row_scale_and_labels(labels: Tensor, vocab: int, *, instruction_mask=None, i
     flat = labels.reshape(-1)
     w = token_loss_weights(flat, ignore_index=ignore_index, instruction_weight=instruction_weight,
                            instruction_mask=None if instruction_mask is None else instruction_mask.reshape(-1),
-                           token_weights=None if token_weights is None else token_weights.reshape(-1)).to(dtype)
+                           token_weights=None if token_weights is None else token_weights.reshape(-1),
+                           dtype=dtype).to(dtype)
     in_range = (flat >= 0) & (flat < vocab)
     w = torch.where(in_range, w, torch.zeros_like(w))
     safe_labels = torch.where(in_range, flat, torch.zeros_like(flat)).long()
