@@ -129,3 +129,26 @@ def check_row_tensor(where: str, name: str, value, labels: torch.Tensor, *, weig
         if bool((value < 0).any()):
             raise ValueError(f"{where}: {name} has negative entries (min {float(value.min())}); token weights "
                              f"must be >= 0")
+
+
+def check_normalize(where: str, normalize, sequence_ids, labels: torch.Tensor) -> None:
+    """normalize "token" | "sequence"; sequence_ids (only with "sequence"): integers shaped like
+    labels, in [0, labels.numel()) (content checked as labels are)."""
+    if normalize not in ("token", "sequence"):
+        raise ValueError(f"{where}: normalize must be 'token' (sum w l / sum w) or 'sequence' (mean over "
+                         f"sequences of their weighted means), got {normalize!r}")
+    if sequence_ids is None:
+        return
+    if normalize != "sequence":
+        raise ValueError(f"{where}: sequence_ids is only used with normalize='sequence', got normalize="
+                         f"{normalize!r}; pass normalize='sequence' or drop sequence_ids")
+    check_tensor(where, "sequence_ids", sequence_ids, integer=True)
+    if tuple(sequence_ids.shape) != tuple(labels.shape):
+        raise ValueError(f"{where}: sequence_ids has shape {tuple(sequence_ids.shape)} but must have labels' "
+                         f"shape {tuple(labels.shape)} (one sequence id per token)")
+    check_same_device(where, "sequence_ids", sequence_ids, "labels", labels)
+    if content_checks_enabled(sequence_ids) and sequence_ids.numel():
+        low, high = int(sequence_ids.min()), int(sequence_ids.max())
+        if low < 0 or high >= labels.numel():
+            raise ValueError(f"{where}: sequence_ids must lie in [0, {labels.numel()}) (labels.numel()), got "
+                             f"values in [{low}, {high}]")
