@@ -182,8 +182,9 @@ def _scale_precomputed(grads: list, grad_loss: Tensor) -> list:
     grad_hidden / grad_weight exists. A 1.0 is skipped on CPU tensors (reading it is free there);
     on a GPU the multiply is not skipped, to avoid a host sync: one read + write of the gradients,
     memory-bound (~(N H + V H) x 2 x itemsize bytes, tens of microseconds at Llama sizes). Traced
-    by torch.compile, out of place (the trace cannot see whether the graph is retained)."""
-    last_use = (not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+    by torch.compile or opcheck, out of place (a trace cannot see whether the graph is retained)."""
+    traced = torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor  # fake / functional tensors
+    last_use = (not traced and not torch.is_grad_enabled()
                 and not torch._C._autograd._get_current_graph_task_keep_graph())
     if not last_use:
         return [None if g is None else (g * grad_loss).to(g.dtype) for g in grads]
