@@ -73,8 +73,9 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, instruction_mask=
     all three are cast to the autocast dtype, as an nn.Linear head would be); labels [...].
     At most ``chunk_budget_bytes`` of chunk logits (and their fp32 temporaries) are alive at once
     (None: ops.cross_entropy.auto_chunk_budget, torch's aspect-ratio chunk less this op's row
-    vectors, which keeps the peak at or below torch's chunked F.linear_cross_entropy); rows with weight 0 cost no matmul. normalize / sequence_ids as
-    in masked_cross_entropy. Returns a float32 scalar, or float32 [...] for "none".
+    vectors, which keeps the peak at or below torch's chunked F.linear_cross_entropy); rows with
+    weight 0 cost no matmul. normalize / sequence_ids as in masked_cross_entropy. Returns a
+    float32 scalar, or float32 [...] for "none".
     """
     where = "fusedpeft.linear_cross_entropy"
     check_tensor(where, "hidden", hidden, floating=True)
