@@ -202,3 +202,29 @@ def test_linear_cross_entropy_gradcheck(backend):
         torch.autograd.gradcheck(lambda h, w, b: fp.linear_cross_entropy(
             h, w, labels, b, reduction=reduction, z_loss=1e-2, chunk_budget_bytes=9 * 8 * 2, backend=backend),
             (hidden, weight, bias))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_bf16_head_gradient_accumulation_over_many_chunks(backend):
+    """A bf16 trainable head's gradient over many chunks: with a budget that holds an fp32 [V, H]
+    accumulator (and its bf16 copy) in half of it, fp32 accumulation (10 chunks), the error of one
+    rounding; with a smaller budget, accumulated in bf16 (64 chunks, one rounding each, no fp32
+    [V, H] buffer), a bounded larger error."""
+    torch.manual_seed(0)
+    hidden = torch.randn(256, 32).bfloat16().requires_grad_()
+    weight = (torch.randn(500, 32) / 32**0.5).bfloat16().requires_grad_()
+    labels = torch.randint(0, 500, (256,))
+    (want,) = torch.autograd.grad(ref.masked_cross_entropy(hidden.double() @ weight.double().t(), labels), (weight,))
+
+    def error(budget):
+        (got,) = torch.autograd.grad(fp.linear_cross_entropy(hidden, weight, labels, chunk_budget_bytes=budget,
+                                                             backend=backend), (weight,))
+        assert got.dtype == torch.bfloat16
+        return float((got.double() - want).norm() / want.norm())
+
+    one = error(10**9)  # one chunk
+    chunk = 4 * 500 * 8  # 4-row chunks at 8 bytes per logit
+    fp32_sum = error(chunk + 2 * 500 * 32 * 6)
+    bf16_sum = error(chunk)
+    assert fp32_sum <= 1.05 * one + 1e-5, (fp32_sum, one)
+    assert one < bf16_sum < 2e-2, (bf16_sum, one)

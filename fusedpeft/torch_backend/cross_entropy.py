@@ -146,15 +146,18 @@ def chunked_linear_pass(chunk_loss, bytes_per_logit: int, hidden, weight, bias, 
     is contracted into grad_hidden, grad_weight and grad_bias at once, so one chunk's logits are
     alive at a time and rows x V never is.
 
-    grad_weight is accumulated in the head's own dtype, with no fp32 [V, H] accumulator outside
-    the budget. Precision: each chunk adds ONE GEMM dlogits^T h whose sum over the chunk's rows
-    runs in fp32 (cuBLAS / oneDNN compute type for 16-bit operands, beta = 1 reads the running
-    sum into the same fp32 accumulation), rounded once to the head's dtype: K chunks give K
-    roundings of unit roundoff u (2^-8 bf16, 2^-11 fp16) instead of one, an error <= K u
-    sum|partials| and ~sqrt(K) u typically, against the u of the stored 16-bit gradient itself;
-    K = active rows / rows per chunk is small at the default budget (large chunks). fp32 / fp64
-    heads accumulate in their own dtype exactly as before. Same arguments and returns as
-    linear_cross_entropy_pass.
+    grad_weight of a 16-bit head: never an fp32 [V, H] accumulator outside the budget. When the
+    accumulator and its final 16-bit copy fit in half the budget, it is taken out of the budget
+    (the chunks get the rest) and the sum is fp32 with one final rounding. Otherwise the gradient
+    is accumulated in the head's own dtype. Precision then: each chunk adds ONE GEMM dlogits^T h
+    whose sum over the chunk's rows runs in fp32 (cuBLAS / oneDNN compute type for 16-bit
+    operands; beta = 1 reads the running sum into that fp32 accumulation), rounded once to the
+    head's dtype: K chunks give K roundings of unit roundoff u (2^-8 bf16, 2^-11 fp16) instead
+    of one, an error <= K u sum|partials|, ~sqrt(K) u typically (tests/test_losses.py: 64 chunks,
+    3.7x the one-rounding error in bf16), against the u of the stored 16-bit gradient itself.
+    K = active rows / rows per chunk (~35 for 8192 Llama-3 rows at the default budget); a larger
+    chunk_budget_bytes buys fp32 accumulation. fp32 / fp64 heads accumulate in their own dtype
+    exactly as before. Same arguments and returns as linear_cross_entropy_pass.
     """
     acc = accumulation_dtype(hidden.dtype)
     with_grad = need_hidden or need_weight or need_bias
@@ -165,7 +168,13 @@ def chunked_linear_pass(chunk_loss, bytes_per_logit: int, hidden, weight, bias, 
     new = torch.zeros if compact else torch.empty
     loss_rows = new(n_rows, dtype=acc, device=hidden.device)
     grad_hidden = new(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
-    grad_weight = torch.zeros_like(weight) if need_weight else None
+    fp32_weight_grad = need_weight and weight.dtype != acc and \
+        weight.numel() * (scale.element_size() + weight.element_size()) <= chunk_budget_bytes // 2
+    if fp32_weight_grad:
+        chunk_budget_bytes -= weight.numel() * (scale.element_size() + weight.element_size())
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    else:
+        grad_weight = torch.zeros_like(weight) if need_weight else None
     grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
     step = rows_per_chunk(vocab, bytes_per_logit, chunk_budget_bytes)
     for start in range(0, active.numel(), step):
@@ -186,15 +195,28 @@ def chunked_linear_pass(chunk_loss, bytes_per_logit: int, hidden, weight, bias, 
             continue
         if need_bias:
             grad_bias += dz.sum(0, dtype=acc)
+        if fp32_weight_grad:
+            _add_weight_grad_fp32(grad_weight, dz, h)
         dz = dz.to(weight.dtype)  # no-op unless an fp32 gradient of 16-bit logits (counted in bytes_per_logit)
-        if need_weight:
+        if need_weight and not fp32_weight_grad:
             grad_weight.addmm_(dz.t(), h)
         if need_hidden and compact:
             grad_hidden.index_copy_(0, idx, dz @ weight)
         elif need_hidden:
             torch.matmul(dz, weight, out=grad_hidden[rows])
         del dz  # before the next chunk's logits exist
+    if fp32_weight_grad:
+        grad_weight = grad_weight.to(weight.dtype)
     return loss_rows, grad_hidden, grad_weight, None if grad_bias is None else grad_bias.to(bias.dtype)
+
+
+def _add_weight_grad_fp32(grad_weight, dz, h) -> None:
+    """grad_weight [V, H] (fp32) += dz^T [V, c] @ h [c, H] (16-bit h; dz fp32 or 16-bit)."""
+    if dz.dtype != grad_weight.dtype and grad_weight.is_cuda and hasattr(torch.ops.aten.addmm, "dtype_out"):
+        # cuBLAS: 16-bit operands, fp32 accumulator and output (torch >= 2.8), no fp32 operand copies
+        torch.addmm(grad_weight, dz.t(), h, out_dtype=grad_weight.dtype, out=grad_weight)
+        return
+    grad_weight.addmm_(dz.t().to(grad_weight.dtype), h.to(grad_weight.dtype))
 
 
 def chunk_bytes_per_logit(dtype: torch.dtype, softcap, with_grad: bool) -> int:
