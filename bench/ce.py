@@ -6,7 +6,8 @@ F.cross_entropy(ignore_index=-100, mean) (prompt rows set to -100 beforehand; pe
 as reduction="none", weighted sum / weight sum).
 linear_ce cases: hidden [N, H] (requires grad), head weight [V, H] (frozen, or trainable), labels
 [N] with a quarter of the rows ignored. Floor: F.cross_entropy(hidden @ W^T) on full logits.
-Liger and Cut Cross-Entropy join when importable (they need CUDA).
+PyTorch's own chunked F.linear_cross_entropy (options=LinearCrossEntropyOptions(), torch >= 2.13)
+is the baseline every user has; Liger and Cut Cross-Entropy join when importable (they need CUDA).
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ def _cce(device: torch.device):
     except Exception as exc:  # noqa: BLE001
         raise Skip(f"cut_cross_entropy not importable ({type(exc).__name__}: {exc})") from exc
     return linear_cross_entropy
+
+
+def _torch_chunked():
+    """PyTorch's chunked linear CE: (F.linear_cross_entropy, LinearCrossEntropyOptions); torch >= 2.13."""
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if options is None or not hasattr(F, "linear_cross_entropy"):
+        raise Skip(f"torch {torch.__version__} has no chunked F.linear_cross_entropy (added in 2.13)")
+    return F.linear_cross_entropy, options
 
 
 def _labels(n: int, v: int, device, ignored_fraction: float) -> torch.Tensor:
@@ -128,6 +137,10 @@ def linear_case(settings: Settings, n: int, h: int, v: int, trainable: bool, ins
             raise Skip("same as the floor in float32")
         return Step(lambda: F.cross_entropy((hidden @ weight.t()).float(), labels_masked, ignore_index=IGNORE), leaves)
 
+    def torch_chunked():
+        fn, options = _torch_chunked()
+        return Step(lambda: fn(hidden, weight, labels_masked, ignore_index=IGNORE, options=options()), leaves)
+
     def liger():
         fn = _liger("liger_fused_linear_cross_entropy", dev)
         return Step(lambda: _loss_only(fn(hidden, weight, labels_masked, ignore_index=IGNORE)), leaves)
@@ -138,6 +151,7 @@ def linear_case(settings: Settings, n: int, h: int, v: int, trainable: bool, ins
                     leaves)
 
     providers = [Provider("F.ce(hidden @ W^T) (floor)", floor), Provider("HF-style logits.float() + F.ce", hf_upcast),
+                 Provider("torch F.linear_cross_entropy (chunked)", torch_chunked),
                  Provider("liger fused linear CE", liger), Provider("cut cross-entropy", cce)]
 
     def fused(backend):

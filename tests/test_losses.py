@@ -170,14 +170,61 @@ def test_bad_input(case, call, error, match):
     assert torch.equal(logits, before)
 
 
-def test_linear_cross_entropy_backward_twice_through_one_graph():
-    """Mean/sum: the gradients computed in the forward are scaled out of place, so a retained graph
-    gives the same gradients on every backward (gradcheck and autograd.grad rely on it)."""
+@pytest.mark.parametrize("backend", [b for b in runnable("cross_entropy") if b != "triton"])
+@pytest.mark.parametrize("scale", [3.0, 1.0])
+def test_linear_cross_entropy_backward_twice_through_one_graph(backend, scale):
+    """Mean/sum: the gradients computed in the forward are scaled out of place while the graph is
+    retained, so every backward through it gives the same gradients (gradcheck and autograd.grad
+    rely on it); the last backward (no retain_graph) scales them in place and hands them over."""
     hidden = torch.randn(6, 5, requires_grad=True)
     weight = torch.randn(11, 5, requires_grad=True)
     labels = torch.randint(0, 11, (6,))
-    loss = fp.linear_cross_entropy(hidden, weight, labels, backend="torch")
-    want = torch.autograd.grad(3 * torch.nn.functional.cross_entropy(hidden @ weight.t(), labels), (hidden, weight))
+    loss = fp.linear_cross_entropy(hidden, weight, labels, backend=backend)
+    want = torch.autograd.grad(scale * torch.nn.functional.cross_entropy(hidden @ weight.t(), labels),
+                               (hidden, weight))
     for _ in range(2):
-        got = torch.autograd.grad(3 * loss, (hidden, weight), retain_graph=True)
+        got = torch.autograd.grad(scale * loss, (hidden, weight), retain_graph=True)
         torch.testing.assert_close(got, want)
+    (scale * loss).backward(retain_graph=True)
+    (scale * loss).backward()  # in place now, accumulated onto the retained backward's .grad
+    torch.testing.assert_close((hidden.grad, weight.grad), tuple(2 * g for g in want))
+
+
+@pytest.mark.parametrize("backend", [b for b in runnable("cross_entropy") if b != "triton"])
+def test_linear_cross_entropy_gradcheck(backend):
+    """float64 gradcheck of hidden, weight and bias (mean and sum: gradients precomputed in the
+    forward and scaled in backward), with several chunks."""
+    hidden = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 3, -100, 8, 2, -100, 5])
+    for reduction in ("mean", "sum"):
+        torch.autograd.gradcheck(lambda h, w, b: fp.linear_cross_entropy(
+            h, w, labels, b, reduction=reduction, z_loss=1e-2, chunk_budget_bytes=9 * 8 * 2, backend=backend),
+            (hidden, weight, bias))
+
+
+@pytest.mark.parametrize("backend", [b for b in runnable("cross_entropy") if b != "triton"])
+def test_bf16_head_gradient_accumulation_over_many_chunks(backend):
+    """A bf16 trainable head's gradient over many chunks: with a budget that holds an fp32 [V, H]
+    accumulator (and its bf16 copy) in half of it, fp32 accumulation (10 chunks), the error of one
+    rounding; with a smaller budget, accumulated in bf16 (64 chunks, one rounding each, no fp32
+    [V, H] buffer), a bounded larger error."""
+    torch.manual_seed(0)
+    hidden = torch.randn(256, 32).bfloat16().requires_grad_()
+    weight = (torch.randn(500, 32) / 32**0.5).bfloat16().requires_grad_()
+    labels = torch.randint(0, 500, (256,))
+    (want,) = torch.autograd.grad(ref.masked_cross_entropy(hidden.double() @ weight.double().t(), labels), (weight,))
+
+    def error(budget):
+        (got,) = torch.autograd.grad(fp.linear_cross_entropy(hidden, weight, labels, chunk_budget_bytes=budget,
+                                                             backend=backend), (weight,))
+        assert got.dtype == torch.bfloat16
+        return float((got.double() - want).norm() / want.norm())
+
+    one = error(10**9)  # one chunk
+    chunk = 4 * 500 * 8  # 4-row chunks at 8 bytes per logit
+    fp32_sum = error(chunk + 2 * 500 * 32 * 6)
+    bf16_sum = error(chunk)
+    assert fp32_sum <= 1.05 * one + 1e-5, (fp32_sum, one)
+    assert one < bf16_sum < 2e-2, (bf16_sum, one)

@@ -18,6 +18,7 @@ from fusedpeft.cpp_backend import unavailable_reason  # noqa: F401  (read by fus
 from fusedpeft.torch_backend.cross_entropy import (
     accumulation_dtype,
     backward_by_chunks,
+    chunk_bytes_per_logit,
     chunked_linear_pass,
     forward_by_chunks,
 )
@@ -71,7 +72,10 @@ def linear_cross_entropy_pass(hidden, weight, bias, labels, scale, label_smoothi
     the per-chunk step: logits = h @ W^T (+ bias) by ATen, the loss and dlogits by the kernel, the
     contractions into the gradients by ATen; chunk x V is the largest temporary."""
     chunk_loss = functools.partial(_chunk_loss, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
-    return chunked_linear_pass(chunk_loss, hidden, weight, bias, labels, scale, softcap, chunk_budget_bytes,
+    with_grad = need_hidden or need_weight or need_bias
+    # the kernel applies softcap per row (no tanh buffer); the loss alone reads the logits as they are
+    bytes_per_logit = chunk_bytes_per_logit(hidden.dtype, None, True) if with_grad else hidden.element_size()
+    return chunked_linear_pass(chunk_loss, bytes_per_logit, hidden, weight, bias, labels, scale, chunk_budget_bytes,
                                need_hidden, need_weight, need_bias)
 
 

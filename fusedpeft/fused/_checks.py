@@ -156,3 +156,29 @@ def check_row_tensor(where: str, name: str, value, labels: torch.Tensor, *, weig
         _fail_where(value < 0, lambda bad: f"{where}: {name} has negative entries"
                                            f"{'' if bad is None else f' (min {float(value.min())})'}; token "
                                            f"weights must be >= 0")
+
+
+def check_normalize(where: str, normalize, sequence_ids, labels: torch.Tensor) -> None:
+    """normalize "token" | "sequence"; sequence_ids (only with "sequence"): integers shaped like
+    labels, in [0, labels.numel()) (content checked as labels are)."""
+    if normalize not in ("token", "sequence"):
+        raise ValueError(f"{where}: normalize must be 'token' (sum w l / sum w) or 'sequence' (mean over "
+                         f"sequences of their weighted means), got {normalize!r}")
+    if sequence_ids is None:
+        return
+    if normalize != "sequence":
+        raise ValueError(f"{where}: sequence_ids is only used with normalize='sequence', got normalize="
+                         f"{normalize!r}; pass normalize='sequence' or drop sequence_ids")
+    check_tensor(where, "sequence_ids", sequence_ids, integer=True)
+    if tuple(sequence_ids.shape) != tuple(labels.shape):
+        raise ValueError(f"{where}: sequence_ids has shape {tuple(sequence_ids.shape)} but must have labels' "
+                         f"shape {tuple(labels.shape)} (one sequence id per token)")
+    check_same_device(where, "sequence_ids", sequence_ids, "labels", labels)
+    if content_checks_enabled(sequence_ids) and sequence_ids.numel():
+        count = labels.numel()
+
+        def message(bad):
+            got = "" if bad is None else f", got values in [{int(sequence_ids.min())}, {int(sequence_ids.max())}]"
+            return f"{where}: sequence_ids must lie in [0, {count}) (labels.numel()){got}"
+
+        _fail_where((sequence_ids < 0) | (sequence_ids >= count), message)

@@ -14,18 +14,20 @@ from fusedpeft.backends import check_backend_name
 from fusedpeft.fused._checks import (
     check_labels,
     check_loss_options,
+    check_normalize,
     check_positive_int,
     check_row_tensor,
     check_same_device,
     check_tensor,
 )
 from fusedpeft.ops._common import autocast_dtype, cast_for_autocast
-from fusedpeft.ops.cross_entropy import DEFAULT_CHUNK_BUDGET_BYTES, cross_entropy
+from fusedpeft.ops.cross_entropy import cross_entropy
 from fusedpeft.ops.cross_entropy import linear_cross_entropy as linear_cross_entropy_op
 
 
-def _check_weighting(where, labels, instruction_mask, token_weights, options) -> None:
+def _check_weighting(where, labels, instruction_mask, token_weights, options, normalize, sequence_ids) -> None:
     check_loss_options(where, **options)
+    check_normalize(where, normalize, sequence_ids, labels)
     if instruction_mask is not None:
         check_row_tensor(where, "instruction_mask", instruction_mask, labels, weights=False)
     if token_weights is not None:
@@ -34,11 +36,15 @@ def _check_weighting(where, labels, instruction_mask, token_weights, options) ->
 
 def masked_cross_entropy(logits, labels, *, instruction_mask=None, instruction_weight=0.0, token_weights=None,
                          ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
-                         num_items_in_batch=None, backend=None) -> torch.Tensor:
+                         num_items_in_batch=None, normalize="token", sequence_ids=None,
+                         backend=None) -> torch.Tensor:
     """Cross-entropy from logits [..., V] (any float dtype) and labels [...] (int).
 
     instruction_mask [...] bool, token_weights [...] float >= 0, num_items_in_batch int or 0-dim
-    tensor (never read on the host). Returns a float32 scalar, or float32 [...] for "none".
+    tensor (never read on the host). normalize "token" (sum w l / sum w) or "sequence" (each
+    sequence's weighted mean, then the mean over sequences with sum w > 0; num_items_in_batch is
+    then a number of sequences); sequence_ids [...] ints in [0, labels.numel()) name the sequences
+    (default: each row of labels [..., T]). Returns a float32 scalar, or float32 [...] for "none".
     """
     where = "fusedpeft.masked_cross_entropy"
     check_tensor(where, "logits", logits, floating=True)
@@ -48,24 +54,28 @@ def masked_cross_entropy(logits, labels, *, instruction_mask=None, instruction_w
                    instruction_weight=instruction_weight, num_items_in_batch=num_items_in_batch,
                    ignore_index=ignore_index)
     check_labels(where, labels, logits.shape[-1], logits.shape[:-1], "logits.shape[:-1]", ignore_index, logits.device)
-    _check_weighting(where, labels, instruction_mask, token_weights, options)
+    _check_weighting(where, labels, instruction_mask, token_weights, options, normalize, sequence_ids)
     check_backend_name(backend)
     return cross_entropy(logits, labels, instruction_mask=instruction_mask, instruction_weight=instruction_weight,
                          token_weights=token_weights, ignore_index=ignore_index, reduction=reduction,
                          label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                         num_items_in_batch=num_items_in_batch, backend=backend)
+                         num_items_in_batch=num_items_in_batch, normalize=normalize, sequence_ids=sequence_ids,
+                         backend=backend)
 
 
 def linear_cross_entropy(hidden, weight, labels, bias=None, *, instruction_mask=None, instruction_weight=0.0,
                          token_weights=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-                         softcap=None, num_items_in_batch=None, chunk_budget_bytes=DEFAULT_CHUNK_BUDGET_BYTES,
-                         backend=None) -> torch.Tensor:
+                         softcap=None, num_items_in_batch=None, normalize="token", sequence_ids=None,
+                         chunk_budget_bytes=None, backend=None) -> torch.Tensor:
     """masked_cross_entropy(hidden @ weight^T + bias, labels) without materialising the logits.
 
     hidden [..., H], weight [V, H] and bias [V] share one float dtype and device (under autocast
     all three are cast to the autocast dtype, as an nn.Linear head would be); labels [...].
-    At most ``chunk_budget_bytes`` of chunk logits (and their fp32 temporaries) are alive at once;
-    rows with weight 0 cost no matmul. Returns a float32 scalar, or float32 [...] for "none".
+    At most ``chunk_budget_bytes`` of chunk logits (and their fp32 temporaries) are alive at once
+    (None: ops.cross_entropy.auto_chunk_budget, torch's aspect-ratio chunk less this op's row
+    vectors, which keeps the peak at or below torch's chunked F.linear_cross_entropy); rows with
+    weight 0 cost no matmul. normalize / sequence_ids as in masked_cross_entropy. Returns a
+    float32 scalar, or float32 [...] for "none".
     """
     where = "fusedpeft.linear_cross_entropy"
     check_tensor(where, "hidden", hidden, floating=True)
@@ -85,18 +95,20 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, instruction_mask=
         check_same_device(where, "bias", bias, "hidden", hidden)
         if cast is None and bias.dtype != hidden.dtype:
             raise TypeError(f"{where}: bias has dtype {bias.dtype} but hidden has dtype {hidden.dtype}")
-    check_positive_int(where, "chunk_budget_bytes", chunk_budget_bytes)
+    if chunk_budget_bytes is not None:
+        check_positive_int(where, "chunk_budget_bytes", chunk_budget_bytes)
     options = dict(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                    instruction_weight=instruction_weight, num_items_in_batch=num_items_in_batch,
                    ignore_index=ignore_index)
     check_labels(where, labels, weight.shape[0], hidden.shape[:-1], "hidden.shape[:-1]", ignore_index, hidden.device)
-    _check_weighting(where, labels, instruction_mask, token_weights, options)
+    _check_weighting(where, labels, instruction_mask, token_weights, options, normalize, sequence_ids)
     check_backend_name(backend)
     hidden, weight, bias = cast_for_autocast(hidden, weight, bias)
     return linear_cross_entropy_op(hidden, weight, labels, bias, instruction_mask=instruction_mask,
                                    instruction_weight=instruction_weight, token_weights=token_weights,
                                    ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                                    z_loss=z_loss, softcap=softcap, num_items_in_batch=num_items_in_batch,
+                                   normalize=normalize, sequence_ids=sequence_ids,
                                    chunk_budget_bytes=chunk_budget_bytes, backend=backend)
 
 
@@ -104,27 +116,32 @@ class MaskedCrossEntropyLoss(nn.Module):
     """nn.Module form of masked_cross_entropy; the keywords are attributes.
 
     forward(logits [..., V], labels [...], instruction_mask=None, token_weights=None,
-    num_items_in_batch=None) -> float32 loss.
+    num_items_in_batch=None, sequence_ids=None) -> float32 loss.
     """
 
     def __init__(self, *, instruction_weight=0.0, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-                 softcap=None, backend=None):
+                 softcap=None, normalize="token", backend=None):
         super().__init__()
-        check_loss_options(f"fusedpeft.{type(self).__name__}", reduction=reduction, label_smoothing=label_smoothing,
+        where = f"fusedpeft.{type(self).__name__}"
+        check_loss_options(where, reduction=reduction, label_smoothing=label_smoothing,
                            z_loss=z_loss, softcap=softcap, instruction_weight=instruction_weight,
                            num_items_in_batch=None, ignore_index=ignore_index)
+        check_normalize(where, normalize, None, torch.empty(0))
         check_backend_name(backend)
         self.instruction_weight, self.ignore_index, self.reduction = instruction_weight, ignore_index, reduction
         self.label_smoothing, self.z_loss, self.softcap, self.backend = label_smoothing, z_loss, softcap, backend
+        self.normalize = normalize
 
     def _keywords(self) -> dict:
         return dict(instruction_weight=self.instruction_weight, ignore_index=self.ignore_index,
                     reduction=self.reduction, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
-                    softcap=self.softcap, backend=self.backend)
+                    softcap=self.softcap, normalize=self.normalize, backend=self.backend)
 
-    def forward(self, logits, labels, instruction_mask=None, token_weights=None, num_items_in_batch=None):
+    def forward(self, logits, labels, instruction_mask=None, token_weights=None, num_items_in_batch=None,
+                sequence_ids=None):
         return masked_cross_entropy(logits, labels, instruction_mask=instruction_mask, token_weights=token_weights,
-                                    num_items_in_batch=num_items_in_batch, **self._keywords())
+                                    num_items_in_batch=num_items_in_batch, sequence_ids=sequence_ids,
+                                    **self._keywords())
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self._keywords().items())
@@ -134,19 +151,20 @@ class LinearCrossEntropyLoss(MaskedCrossEntropyLoss):
     """nn.Module form of linear_cross_entropy (an LM head fused with the loss).
 
     forward(hidden [..., H], weight [V, H], labels [...], bias=None, instruction_mask=None,
-    token_weights=None, num_items_in_batch=None) -> float32 loss.
+    token_weights=None, num_items_in_batch=None, sequence_ids=None) -> float32 loss.
     """
 
-    def __init__(self, *, chunk_budget_bytes=DEFAULT_CHUNK_BUDGET_BYTES, **keywords):
+    def __init__(self, *, chunk_budget_bytes=None, **keywords):
         super().__init__(**keywords)
-        check_positive_int(f"fusedpeft.{type(self).__name__}", "chunk_budget_bytes", chunk_budget_bytes)
+        if chunk_budget_bytes is not None:
+            check_positive_int(f"fusedpeft.{type(self).__name__}", "chunk_budget_bytes", chunk_budget_bytes)
         self.chunk_budget_bytes = chunk_budget_bytes
 
     def _keywords(self) -> dict:
         return {**super()._keywords(), "chunk_budget_bytes": self.chunk_budget_bytes}
 
     def forward(self, hidden, weight, labels, bias=None, instruction_mask=None, token_weights=None,
-                num_items_in_batch=None):
+                num_items_in_batch=None, sequence_ids=None):
         return linear_cross_entropy(hidden, weight, labels, bias, instruction_mask=instruction_mask,
                                     token_weights=token_weights, num_items_in_batch=num_items_in_batch,
-                                    **self._keywords())
+                                    sequence_ids=sequence_ids, **self._keywords())

@@ -15,6 +15,15 @@ gradient-accumulation window) replaces the mean's denominator, exactly as HF's l
 instruction weighting the Trainer still counts every label != -100, so the loss is then
 sum_t w_t l_t / (that count), a constant denominator over the window: gradient-accumulation
 correct, but not sum_t w_t.
+
+``normalize="sequence"`` (packing-aware): each sequence's weighted mean, then the mean over the
+sequences. Sequences come from ``position_ids`` restarting at 0 (HF's DataCollatorWithFlattening
+packs a batch into one row that way), and every batch row starts a new one; without position_ids
+each batch row is one sequence. num_items_in_batch then replaces the NUMBER OF SEQUENCES: pass
+the count of sequences with a supervised target over the whole accumulation window for an exact
+mean over sequences. The Trainer's count is a token count, so under the Trainer the loss is
+sum_s mean_s / (supervised tokens in the window): still gradient-accumulation exact (one constant
+denominator for the window), but smaller than the mean over sequences by the tokens per sequence.
 """
 
 from __future__ import annotations
@@ -26,12 +35,12 @@ import types
 import torch
 from torch import nn
 
-from fusedpeft.fused._checks import check_loss_options
+from fusedpeft.fused._checks import check_loss_options, check_normalize
 from fusedpeft.fused.losses import linear_cross_entropy
 
 # keywords of linear_cross_entropy that a patch may fix (the rest are per batch)
 _LOSS_KEYWORDS = ("instruction_weight", "ignore_index", "reduction", "label_smoothing", "z_loss", "softcap",
-                  "chunk_budget_bytes", "backend")
+                  "normalize", "chunk_budget_bytes", "backend")
 # forward keywords that belong to the loss, never to the decoder
 _BATCH_KEYS = ("labels", "instruction_mask", "token_weights", "num_items_in_batch", "shift_labels")
 
@@ -85,6 +94,24 @@ def _check_batch_tensor(name: str, value, labels: torch.Tensor) -> None:
                          f"shape of labels {tuple(labels.shape)} (one value per input token)")
 
 
+def _check_position_ids(position_ids, labels) -> None:
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != labels.dim() or any(
+            p not in (1, n) for p, n in zip(position_ids.shape, labels.shape)):
+        got = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else repr(position_ids)
+        raise ValueError(f"fusedpeft.patch_causal_lm: normalize='sequence' reads sequences from position_ids, "
+                         f"which must be a tensor broadcastable to labels {tuple(labels.shape)}, got {got}")
+
+
+def _sequence_ids(position_ids, labels: torch.Tensor, device) -> torch.Tensor:
+    """position_ids broadcastable to labels [B, T] -> sequence ids [B, T] in [0, B T) of the
+    SHIFTED targets (target t is token t + 1): a sequence starts where position_ids is 0 and at
+    every row start."""
+    starts = position_ids.to(device).expand(labels.shape) == 0
+    starts[..., 0] = True
+    ids = starts.reshape(-1).long().cumsum(0).sub_(1).reshape(labels.shape)
+    return torch.cat([ids[..., 1:], ids[..., -1:]], dim=-1)
+
+
 def _fused_loss(model, hidden, batch: dict, options: dict, softcap, scale) -> torch.Tensor:
     labels = batch["labels"]
     mask, weights = batch.get("instruction_mask"), batch.get("token_weights")
@@ -108,6 +135,8 @@ def _fused_loss(model, hidden, batch: dict, options: dict, softcap, scale) -> to
     keywords = dict(options)
     if softcap is not None:
         keywords["softcap"] = softcap
+    if batch.get("position_ids") is not None:
+        keywords["sequence_ids"] = _sequence_ids(batch["position_ids"], targets, device)
     num_items = batch.get("num_items_in_batch")
     if keywords["reduction"] == "mean" and num_items is not None:
         keywords["num_items_in_batch"] = num_items.to(device) if isinstance(num_items, torch.Tensor) else num_items
@@ -143,6 +172,9 @@ def _patched_forward(self, *args, instruction_mask=None, token_weights=None, **k
         return state["original"](**kwargs)
     batch = {key: kwargs.pop(key, None) for key in _BATCH_KEYS}
     batch.update(instruction_mask=instruction_mask, token_weights=token_weights)
+    if state["options"]["normalize"] == "sequence" and kwargs.get("position_ids") is not None:
+        _check_position_ids(kwargs["position_ids"], labels)  # before the decoder runs
+        batch["position_ids"] = kwargs["position_ids"]
     logits_to_keep = kwargs.pop("logits_to_keep", 0)
     if not (isinstance(logits_to_keep, numbers.Integral) and logits_to_keep == 0):
         raise ValueError(f"fusedpeft.patch_causal_lm: with labels the loss needs every position; got "
@@ -163,7 +195,8 @@ def patch_causal_lm(model: nn.Module, **loss_keywords) -> nn.Module:
             decoder (``get_decoder()`` / ``base_model``) whose first output is the last hidden states
             [batch, seq, hidden] and an nn.Linear lm_head (weight [vocab, hidden], optional bias [vocab]).
         **loss_keywords: fixed keywords of linear_cross_entropy: instruction_weight, ignore_index,
-            reduction ("mean" or "sum"), label_smoothing, z_loss, softcap, chunk_budget_bytes, backend.
+            reduction ("mean" or "sum"), label_smoothing, z_loss, softcap, normalize ("token" or
+            "sequence": sequences from position_ids restarting at 0), chunk_budget_bytes, backend.
             softcap defaults to the config's final_logit_softcapping and may not contradict it.
 
     The patched ``forward(..., labels=None, instruction_mask=None, token_weights=None,
@@ -184,13 +217,14 @@ def patch_causal_lm(model: nn.Module, **loss_keywords) -> nn.Module:
         raise TypeError(f"{where}: unknown loss keyword(s) {unknown}; allowed: {list(_LOSS_KEYWORDS)} "
                         f"(instruction_mask / token_weights / num_items_in_batch are forward arguments)")
     options = dict(instruction_weight=0.0, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-                   softcap=None)
+                   softcap=None, normalize="token")
     options.update(loss_keywords)
     if options["reduction"] not in ("mean", "sum"):
         raise ValueError(f"{where}: reduction must be 'mean' or 'sum' (a model's loss is a scalar), got "
                          f"{options['reduction']!r}")
     check_loss_options(where, num_items_in_batch=None, **{k: options[k] for k in (
         "reduction", "label_smoothing", "z_loss", "softcap", "instruction_weight", "ignore_index")})
+    check_normalize(where, options["normalize"], None, torch.empty(0))
     _decoder(model)
     _head(model)
     softcap, scale = _head_transform(getattr(model, "config", None))

@@ -9,12 +9,12 @@ Memory and traffic choices (8192 rows, V = 128256, bf16 numbers in the report):
   and backward (the op saves logits, labels, row_scale and lse only) and a second rows x V buffer
   alive from forward to backward, as F.cross_entropy's saved log-softmax is; recomputing costs
   the same bytes (read + read + write either way, in place or not) and no memory beyond the output.
-- linear_cross_entropy_forward drops zero-scale rows (``nonzero``: ONE host sync per call, two
-  when reduction "none" also runs the backward), takes the rest in chunks whose logits fit
-  ``chunk_budget_bytes`` (one chunk x V buffer in the input dtype), computes each chunk's logits
-  with torch.matmul (cuBLAS), runs the forward kernel (lse, loss) and the backward kernel writing
-  dlogits IN PLACE into the chunk buffer, then grad_hidden = dlogits @ W, grad_weight +=
-  dlogits^T h (fp32 accumulator for 16-bit heads) and grad_bias += column sums by matmuls.
+- linear_cross_entropy_* run the chunk loop every backend shares
+  (torch_backend.cross_entropy.chunked_linear_pass: zero-scale rows dropped, chunks sized by one
+  rule from ``chunk_budget_bytes``, grad_hidden / grad_weight / grad_bias contracted per chunk by
+  cuBLAS); the Triton chunk step computes each chunk's logits with torch.matmul in the input dtype,
+  runs the forward kernel (lse, loss) and the backward kernel writing dlogits IN PLACE into that
+  buffer: one chunk x V buffer in the input dtype (2 bytes per logit in bf16).
 - cross_entropy_* never synchronise with the host.
 
 Autotuning: a few (BLOCK_V, num_warps) configs per architecture (sm_90+, and sm_80 for the rest),
@@ -32,6 +32,12 @@ import triton.language as tl
 
 from fusedpeft.kernels._common import device_capability, for_launch, interpreting
 from fusedpeft.kernels.cross_entropy_kernels import _ce_bwd_kernel, _ce_fwd_kernel
+from fusedpeft.torch_backend.cross_entropy import (
+    accumulation_dtype,
+    backward_by_chunks,
+    chunked_linear_pass,
+    forward_by_chunks,
+)
 
 # (BLOCK_V, num_warps) per architecture; every entry is AOT-compiled by
 # tests/test_triton_cross_entropy_aot.py for sm_90 and sm_80 without spills.
@@ -41,10 +47,6 @@ CONFIGS = {
 }
 INTERPRETER_CONFIG = (256, 4)
 _KEY = ["V", "HAS_SOFTCAP", "ACC"]
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _tl_acc(dtype: torch.dtype):
@@ -136,112 +138,40 @@ def cross_entropy_backward(grad_loss, logits, labels, row_scale, lse, label_smoo
 # ------------------------------------------------------------------------ linear (fused LM head)
 
 
-def rows_per_chunk(vocab: int, dtype: torch.dtype, chunk_budget_bytes: int) -> int:
-    """Rows whose logits [rows, V] in ``dtype`` fit the budget (the gradient reuses that buffer);
-    a multiple of 128 (whole GEMM tiles) when at least 256 rows fit."""
-    rows = max(1, chunk_budget_bytes // (vocab * torch.empty((), dtype=dtype).element_size()))
-    return rows // 128 * 128 if rows >= 256 else rows
+def _chunk_loss(make_logits, labels, scale, with_grad: bool, label_smoothing: float, z_loss: float,
+                softcap: float | None):
+    """linear_cross_entropy_pass's per-chunk step (see torch_backend.chunked_linear_pass): the
+    forward kernel reads the input-dtype logits once (lse, l_t), the backward kernel writes
+    d(scale l)/dlogits over them IN PLACE, so the chunk holds one [rows, V] buffer."""
+    logits = make_logits()
+    acc = accumulation_dtype(logits.dtype)
+    n = logits.shape[0]
+    rows_loss = torch.empty(n, dtype=acc, device=logits.device)
+    lse = torch.empty(n, dtype=acc, device=logits.device)
+    ones = torch.ones(n, dtype=acc, device=logits.device)
+    row_forward(logits, labels, ones, rows_loss, lse, label_smoothing, z_loss, softcap)  # unscaled l_t
+    if not with_grad:
+        return rows_loss, None
+    row_backward(logits, labels, scale, lse, ones[:1], logits, label_smoothing, z_loss, softcap)
+    return rows_loss, logits
 
 
-def _accumulate_weight_grad(grad_weight, dlogits, h) -> None:
-    """grad_weight [V, H] (accumulation dtype) += dlogits^T [V, c] @ h [c, H]."""
-    if dlogits.dtype == grad_weight.dtype:
-        grad_weight.addmm_(dlogits.t(), h)
-        return
-    if grad_weight.is_cuda and hasattr(torch.ops.aten.addmm, "dtype_out"):
-        # cuBLAS: 16-bit operands, fp32 accumulator and output (torch >= 2.8), no fp32 operand copies
-        torch.addmm(grad_weight, dlogits.t(), h, out_dtype=grad_weight.dtype, out=grad_weight)
-        return
-    # CPU (interpreter tests) or an older torch: fp32 operand copies (one more chunk-sized buffer)
-    grad_weight.addmm_(dlogits.t().to(grad_weight.dtype), h.to(grad_weight.dtype))
+def linear_cross_entropy_pass(hidden, weight, bias, labels, scale, label_smoothing: float, z_loss: float,
+                              softcap: float | None, chunk_budget_bytes: int, need_hidden: bool, need_weight: bool,
+                              need_bias: bool):
+    """torch_backend.linear_cross_entropy_pass (same arguments and returns) with the row kernels
+    as the per-chunk step: logits by cuBLAS in the input dtype, lse / loss / dlogits (in place) by
+    the kernels, the contractions by cuBLAS. One [rows, V] buffer in the input dtype per chunk."""
+    chunk_loss = functools.partial(_chunk_loss, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    return chunked_linear_pass(chunk_loss, hidden.element_size(), hidden, weight, bias, labels.contiguous(),
+                               scale, chunk_budget_bytes, need_hidden, need_weight, need_bias)
 
 
-def linear_cross_entropy_pass(hidden, weight, bias, labels, scale, grad_scale, label_smoothing: float,
-                              z_loss: float, softcap: float | None, chunk_budget_bytes: int, need_hidden: bool,
-                              need_weight: bool, need_bias: bool):
-    """One chunked pass over the rows with scale * grad_scale != 0 (one host sync: ``nonzero``).
-
-    hidden [N, H], weight [V, H], bias [V] | None (one dtype: fp32/fp16/bf16/fp64), labels [N]
-    int64, scale [N] (ACC dtype), grad_scale 0-dim or [N] (ACC dtype; multiplies scale for the
-    gradients). Returns (scale_t l_t [N] in ACC, grad_hidden [N, H] | None, grad_weight [V, H] |
-    None, grad_bias [V] | None), the gradients of sum_t scale_t grad_scale_t l_t.
-    """
-    acc = accumulation_dtype(hidden.dtype)
-    with_grad = need_hidden or need_weight or need_bias
-    n_rows, vocab = hidden.shape[0], weight.shape[0]
-    device = hidden.device
-    effective = scale * grad_scale if with_grad else scale
-    active = effective.nonzero().squeeze(1)
-    compact = active.numel() < n_rows
-    loss_rows = torch.zeros(n_rows, dtype=acc, device=device) if compact else torch.empty(n_rows, dtype=acc,
-                                                                                           device=device)
-    grad_hidden = None
-    if need_hidden:
-        grad_hidden = torch.zeros_like(hidden) if compact else torch.empty_like(hidden)
-    grad_weight = torch.zeros(weight.shape, dtype=acc, device=device) if need_weight else None
-    grad_bias = torch.zeros(vocab, dtype=acc, device=device) if need_bias else None
-    ones = torch.ones(1, dtype=acc, device=device)
-    step = rows_per_chunk(vocab, hidden.dtype, chunk_budget_bytes)
-    for start in range(0, active.numel(), step):
-        stop = min(start + step, active.numel())
-        if compact:
-            idx = active[start:stop]
-            h, rows_labels, rows_scale = hidden[idx], labels[idx], effective[idx]
-        else:
-            idx = None
-            h, rows_labels, rows_scale = hidden[start:stop], labels[start:stop], effective[start:stop]
-        logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
-        rows_loss = torch.empty(stop - start, dtype=acc, device=device) if compact else loss_rows[start:stop]
-        lse = torch.empty(stop - start, dtype=acc, device=device)
-        row_forward(logits, rows_labels, rows_scale, rows_loss, lse, label_smoothing, z_loss, softcap)
-        if compact:
-            loss_rows.index_copy_(0, idx, rows_loss)
-        if with_grad:
-            row_backward(logits, rows_labels, rows_scale, lse, ones, logits, label_smoothing, z_loss, softcap)
-            dlogits = logits
-            if need_bias:
-                grad_bias += dlogits.sum(0, dtype=acc)
-            if need_weight:
-                _accumulate_weight_grad(grad_weight, dlogits, h)
-            if need_hidden and compact:
-                grad_hidden.index_copy_(0, idx, dlogits @ weight)
-            elif need_hidden:
-                torch.matmul(dlogits, weight, out=grad_hidden[start:stop])
-            del dlogits
-        del logits  # before the next chunk's logits exist
-    return (loss_rows, grad_hidden,
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype))
+def linear_cross_entropy_forward(*args):
+    """torch_backend.cross_entropy.forward_by_chunks with this module's pass (same arguments)."""
+    return forward_by_chunks(linear_cross_entropy_pass, *args)
 
 
-def linear_cross_entropy_forward(hidden, weight, bias, labels, row_scale, reduce: bool, label_smoothing: float,
-                                 z_loss: float, softcap: float | None, chunk_budget_bytes: int, need_hidden: bool,
-                                 need_weight: bool, need_bias: bool):
-    """hidden [N, H], weight [V, H], bias [V] | None, labels [N], row_scale [N] ->
-    (loss: 0-dim if reduce else [N] in ACC, grad_hidden [N, H] | None, grad_weight [V, H] | None,
-    grad_bias [V] | None).
-
-    With reduce the incoming gradient is one scalar, so the asked-for gradients of the loss are
-    computed in this pass (the op scales them in backward); without reduce they are left to
-    linear_cross_entropy_backward.
-    """
-    acc = accumulation_dtype(hidden.dtype)
-    precompute = reduce and (need_hidden or need_weight or need_bias)
-    loss_rows, *grads = linear_cross_entropy_pass(
-        hidden, weight, bias, labels.contiguous(), row_scale.to(acc).contiguous(), torch.ones((), dtype=acc,
-                                                                                               device=hidden.device),
-        label_smoothing, z_loss, softcap, chunk_budget_bytes, need_hidden and precompute,
-        need_weight and precompute, need_bias and precompute)
-    return (loss_rows.sum() if reduce else loss_rows), *grads
-
-
-def linear_cross_entropy_backward(grad_loss, hidden, weight, bias, labels, row_scale, label_smoothing: float,
-                                  z_loss: float, softcap: float | None, chunk_budget_bytes: int, need_hidden: bool,
-                                  need_weight: bool, need_bias: bool):
-    """grad_loss [N] (reduction "none") -> (grad_hidden [N, H] | None, grad_weight [V, H] | None,
-    grad_bias [V] | None), recomputed chunk by chunk with grad_loss folded into the row scale."""
-    acc = accumulation_dtype(hidden.dtype)
-    _, *grads = linear_cross_entropy_pass(
-        hidden, weight, bias, labels.contiguous(), row_scale.to(acc).contiguous(), grad_loss.to(acc).reshape(-1),
-        label_smoothing, z_loss, softcap, chunk_budget_bytes, need_hidden, need_weight, need_bias)
-    return grads
+def linear_cross_entropy_backward(*args):
+    """torch_backend.cross_entropy.backward_by_chunks with this module's pass (same arguments)."""
+    return backward_by_chunks(linear_cross_entropy_pass, *args)

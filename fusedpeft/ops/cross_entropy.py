@@ -18,7 +18,25 @@ from fusedpeft.backends import implementation, resolve_backend
 from fusedpeft.ops._common import eager_twin, empty_result, maybe, no_autocast, run, run_backward
 from fusedpeft.reference import token_loss_weights
 
-DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
+# chunk_budget_bytes=None: the aspect-ratio rule of Liger's and torch's chunked linear CE (chunk
+# logits about the size of the hidden states: next_pow2(ceil(N / ceil(V / H))) rows), in bytes,
+# less what this op holds beyond the budget (two chunk-row copies of H values, ~64 bytes per row
+# of row vectors), so its peak stays at or below torch's F.linear_cross_entropy with
+# LinearCrossEntropyOptions() (grad_hidden + one such logits buffer) while the chunks keep its
+# GEMM sizes. Measured on CPU with the bench ce suite: a plain budget of 0.875 x the hidden bytes
+# was always below torch's peak but 1.36x slower than torch for 1024 rows and a trainable head
+# (14-row chunks), the rule here 0.6x. AUTO_BUDGET_MAX_BYTES caps the chunk at large batches.
+AUTO_BUDGET_MAX_BYTES = 256 * 2**20
+_ROW_VECTOR_BYTES = 64
+
+
+def auto_chunk_budget(n_rows: int, hidden_size: int, vocab: int, itemsize: int) -> int:
+    """The default chunk budget in bytes for hidden [n_rows, hidden_size] of ``itemsize`` bytes
+    and a head of ``vocab`` rows (see AUTO_BUDGET_MAX_BYTES)."""
+    target = -(-n_rows // max(1, -(-vocab // max(1, hidden_size))))
+    rows = min(1 << max(0, target - 1).bit_length(), max(1, n_rows))
+    budget = rows * itemsize * (vocab - 2 * hidden_size) - _ROW_VECTOR_BYTES * n_rows
+    return max(1, min(AUTO_BUDGET_MAX_BYTES, max(rows * itemsize * vocab // 2, budget)))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -157,13 +175,30 @@ def _lce_setup_context(ctx, inputs, output):
                        backend)
 
 
+def _scale_precomputed(grads: list, grad_loss: Tensor) -> list:
+    """The gradients computed in the forward (reduction to a scalar) times the incoming 0-dim
+    gradient. In place when this backward is the graph's last use of them (no retain_graph, no
+    create_graph): then the saved buffers become the returned gradients and no second copy of
+    grad_hidden / grad_weight exists. A 1.0 is skipped on CPU tensors (reading it is free there);
+    on a GPU the multiply is not skipped, to avoid a host sync: one read + write of the gradients,
+    memory-bound (~(N H + V H) x 2 x itemsize bytes, tens of microseconds at Llama sizes). Traced
+    by torch.compile or opcheck, out of place (a trace cannot see whether the graph is retained)."""
+    traced = torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor  # fake / functional tensors
+    last_use = (not traced and not torch.is_grad_enabled()
+                and not torch._C._autograd._get_current_graph_task_keep_graph())
+    if not last_use:
+        return [None if g is None else (g * grad_loss).to(g.dtype) for g in grads]
+    if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
+        return grads
+    return [None if g is None else g.mul_(grad_loss) for g in grads]
+
+
 def _lce_backward(ctx, grad_loss, *unused):
     if grad_loss is None:
         return (None,) * 14
     if ctx.reduce:
         grads = [maybe(g) for g in ctx.saved_tensors]
-        # out of place: the graph may be run backward again (retain_graph, gradcheck)
-        grads = [None if g is None else (g * grad_loss).to(g.dtype) for g in grads]
+        grads = _scale_precomputed(grads, grad_loss)
     else:
         hidden, weight, bias, labels, row_scale = ctx.saved_tensors
         grads = [maybe(g) for g in run_backward(
@@ -183,10 +218,14 @@ _LinearCrossEntropyEager = eager_twin(_linear_cross_entropy, _lce_setup_context,
 
 def row_scale_and_labels(labels: Tensor, vocab: int, *, instruction_mask=None, instruction_weight=0.0,
                          token_weights=None, ignore_index=-100, reduction="mean", num_items_in_batch=None,
-                         dtype=torch.float32) -> tuple[Tensor, Tensor]:
+                         normalize="token", sequence_ids=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
     """labels [...] -> (row_scale [N], labels [N] clamped into [0, V)).
 
-    row_scale = w_t / denominator for "mean" (0 everywhere when the denominator is 0), else w_t.
+    normalize "token": row_scale = w_t / denominator for "mean" (sum_t w_t, or num_items_in_batch;
+    0 everywhere when the denominator is 0), else w_t. normalize "sequence": w_t is first divided
+    by the sum of w over its sequence (so "sum" adds per-sequence weighted means and "none" gives
+    terms that add up to them), and "mean" divides by the number of sequences with a positive
+    weight sum, or by num_items_in_batch (then a number of sequences).
     A label outside [0, V) that is not ignore_index (only reachable on GPU without
     FUSEDPEFT_CHECKS=1) gets weight 0 and is never read out of bounds.
     """
@@ -198,14 +237,37 @@ def row_scale_and_labels(labels: Tensor, vocab: int, *, instruction_mask=None, i
     in_range = (flat >= 0) & (flat < vocab)
     w = torch.where(in_range, w, torch.zeros_like(w))
     safe_labels = torch.where(in_range, flat, torch.zeros_like(flat)).long()
+    count = None
+    if normalize == "sequence":
+        w, count = _per_sequence(w, labels, sequence_ids)
     if reduction != "mean":
         return w, safe_labels
-    if num_items_in_batch is None:
-        denom = w.sum()
-    else:
+    if num_items_in_batch is not None:
         denom = torch.as_tensor(num_items_in_batch, device=w.device).to(dtype).reshape(())
+    else:
+        denom = w.sum() if count is None else count
     inv = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom))
     return w * inv, safe_labels
+
+
+def _per_sequence(w: Tensor, labels: Tensor, sequence_ids: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """w [N] -> (w_t / sum of w over t's sequence [N] (0 where that sum is 0), number of sequences
+    with a positive sum, 0-dim), on the device without a host sync.
+
+    Sequences: tokens with equal ``sequence_ids`` (labels' shape, ints in [0, N); an id outside is
+    clamped, only reachable without FUSEDPEFT_CHECKS on GPU), or each row of labels [..., T] when
+    None (the whole of a 1-D labels).
+    """
+    n = w.numel()
+    if sequence_ids is None:
+        ids = torch.arange(n, device=w.device) // max(1, labels.shape[-1] if labels.dim() else 1)
+    else:
+        ids = sequence_ids.reshape(-1).long().clamp(0, max(n - 1, 0))
+    totals = torch.zeros(n, dtype=w.dtype, device=w.device).index_add_(0, ids, w)
+    per_row = totals.index_select(0, ids)
+    share = torch.where(per_row > 0, w / torch.where(per_row > 0, per_row, torch.ones_like(per_row)),
+                        torch.zeros_like(w))
+    return share, (totals > 0).sum().to(w.dtype)
 
 
 def cross_entropy(logits: Tensor, labels: Tensor, *, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
@@ -223,8 +285,12 @@ def cross_entropy(logits: Tensor, labels: Tensor, *, reduction="mean", label_smo
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, *,
                          reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
-                         chunk_budget_bytes=DEFAULT_CHUNK_BUDGET_BYTES, backend=None, **weighting) -> Tensor:
-    """hidden [..., H], weight [V, H], bias [V]?, labels [...] -> float32 loss. Validated inputs."""
+                         chunk_budget_bytes=None, backend=None, **weighting) -> Tensor:
+    """hidden [..., H], weight [V, H], bias [V]?, labels [...] -> float32 loss. Validated inputs;
+    chunk_budget_bytes None = auto_chunk_budget(...)."""
+    if chunk_budget_bytes is None:
+        chunk_budget_bytes = auto_chunk_budget(labels.numel(), hidden.shape[-1], weight.shape[0],
+                                               hidden.element_size())
     vocab = weight.shape[0]
     scale, safe_labels = row_scale_and_labels(labels, vocab, reduction=reduction, dtype=_acc_dtype(hidden.dtype),
                                               **weighting)
