@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from fusedpeft.fused._checks import check_linear_input
+from fusedpeft.quantized import check_base as check_quantized_or_linear
+from fusedpeft.quantized import compute_dtype, quantized_weight
 from fusedpeft.reference import new_dropout_seed
 
 
@@ -17,8 +19,14 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
 
 
 def check_base(where: str, base) -> None:
-    if not isinstance(base, nn.Linear):
-        raise TypeError(f"{where}: base must be a torch.nn.Linear, got {type(base).__name__}")
+    """TypeError / ValueError unless ``base`` is an nn.Linear or a supported quantized layer."""
+    check_quantized_or_linear(where, base)
+
+
+def base_factory(base: nn.Module) -> dict:
+    """device and dtype of new adapter parameters for ``base`` (a quantized base: from its compute dtype)."""
+    dtype = compute_dtype(base) if quantized_weight(base) is not None else base.weight.dtype
+    return {"device": base.weight.device, "dtype": adapter_dtype(dtype)}
 
 
 class AdapterLinear(nn.Module):
@@ -38,13 +46,32 @@ class AdapterLinear(nn.Module):
 
         Dropout is on in training mode only; its seed is one draw from torch's default CPU
         generator (SPEC §5). A merged layer runs the plain base layer."""
-        check_linear_input(f"fusedpeft.{type(self).__name__}.forward", x, self.base_layer.weight)
+        where = f"fusedpeft.{type(self).__name__}.forward"
+        base = self.base_layer
+        q = quantized_weight(base)
+        if q is None:
+            check_linear_input(where, x, base.weight)
+        else:
+            check_quantized_or_linear(where, base)
+            check_linear_input(where, x, q, any_dtype=True)
         if self.merged:
-            return self.base_layer(x)
+            return base(x)
         p = self.dropout if self.training else 0.0
-        return self.adapted_forward(x, p, new_dropout_seed() if p > 0.0 else None)
+        seed = new_dropout_seed() if p > 0.0 else None
+        if q is None:
+            return self.adapted_forward(x, base.weight, base.bias, p, seed)
+        # as bitsandbytes does: x in the compute dtype, the output back in x's dtype
+        bias = None if base.bias is None or q.kind == "8bit" else base.bias.to(q.dtype)
+        y = self.adapted_forward(x.to(q.dtype), q, bias, p, seed)
+        if q.kind == "8bit":  # the base product is bitsandbytes' own layer output
+            base_out = base(x)
+            return base_out + y.to(base_out.dtype)
+        return y.to(x.dtype)
 
-    def adapted_forward(self, x: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor, weight, bias: torch.Tensor | None, dropout_p: float,
+                        seed: torch.Tensor | None) -> torch.Tensor:
+        """x [..., in] in the compute dtype -> [..., out]; weight is the base weight [out, in] or a
+        fusedpeft.quantized.QuantizedWeight."""
         raise NotImplementedError  # pragma: no cover - every subclass defines it
 
     @property

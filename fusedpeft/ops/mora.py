@@ -23,6 +23,8 @@ from fusedpeft.ops._common import (
     rows_as,
     run,
     run_backward,
+    save_weight,
+    saved_weight,
 )
 from fusedpeft.torch_backend.mora import delta_weight
 from fusedpeft.torch_backend.mora_maps import MoraGeometry
@@ -66,12 +68,13 @@ def _(grad_y, x, weight, M, mora_type, dropout_p, seed, need_x, need_M, backend)
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, M, mora_type, dropout_p, seed, backend = inputs
-    ctx.save_for_backward(x, weight, M, seed)
+    ctx.save_for_backward(x, save_weight(ctx, weight), M, seed)
     ctx.mora_type, ctx.dropout_p, ctx.backend = mora_type, dropout_p, backend
 
 
 def _backward(ctx, grad_y):
     x, weight, M, seed = ctx.saved_tensors
+    weight = saved_weight(ctx, weight)
     need_x, _, _, need_M = ctx.needs_input_grad[:4]
     grad_x, grad_M = run_backward(ctx, mora_linear_backward_op, _mora_linear_backward, grad_y, x,
                                   weight, M, ctx.mora_type, ctx.dropout_p, seed, need_x, need_M, ctx.backend)
