@@ -158,10 +158,23 @@ def quantized_weight(module: nn.Module, dtype: torch.dtype | None = None) -> Qua
     """The QuantizedWeight of a supported quantized layer (None for a plain nn.Linear), in ``dtype``
     (default: the layer's compute dtype)."""
     if is_bnb_4bit(module):
+        _standard_layout_(module)
         return QuantizedWeight(module, "4bit", dtype or compute_dtype(module))
     if is_bnb_8bit(module):
         return QuantizedWeight(module, "8bit", dtype or compute_dtype(module))
     return None
+
+
+def _standard_layout_(module: nn.Module) -> None:
+    """Undo bitsandbytes' CPU repacking of a 4-bit weight (done by its own eval-mode forward on
+    AVX512-BF16 CPUs, a different byte order and scale layout), as bitsandbytes itself does before
+    moving or saving the weight, so the weight is in the layout of the module docstring again."""
+    weight = module.weight
+    if not getattr(weight.quant_state, "packing_format_for_cpu", False):
+        return
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
 
 
 def dense_weight(weight, dtype: torch.dtype, dequantize_4bit=None) -> torch.Tensor | None:
@@ -188,3 +201,58 @@ def nested_absmax(q: QuantizedWeight) -> tuple[torch.Tensor | None, torch.Tensor
     if not state.nested:
         return None, None, 0, 0.0
     return state.state2.code, state.state2.absmax, int(state.state2.blocksize), float(state.offset)
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def float_weight_dtype(module: nn.Module) -> torch.dtype:
+    """The float dtype a quantized weight is merged in: the dtype a 4-bit weight was quantized
+    from (quant_state.dtype), float16 for 8-bit (bitsandbytes' own int8 dtype pairing)."""
+    return module.weight.quant_state.dtype if is_bnb_4bit(module) else torch.float16
+
+
+@torch.no_grad()
+def dequantized_module_weight(module: nn.Module) -> torch.Tensor:
+    """W [out, in] of a quantized layer in float_weight_dtype(module): bitsandbytes' dequantize_4bit,
+    or for 8-bit the int8 rows times their scales / 127 (bitsandbytes' int8_vectorwise_dequant)."""
+    if is_bnb_4bit(module):
+        return quantized_weight(module).dequantize(float_weight_dtype(module))
+    from bitsandbytes.functional import int8_vectorwise_dequant
+
+    # bitsandbytes moves the row scales from the weight to the layer's state on its first forward
+    scales = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
+    return int8_vectorwise_dequant(module.weight.data, scales).to(float_weight_dtype(module))
+
+
+@torch.no_grad()
+def requantize_(module: nn.Module, weight: torch.Tensor) -> None:
+    """Replace a quantized layer's weight by ``weight`` [out, in] quantized with the layer's own
+    settings (4-bit: quant_type, blocksize, double quantization, storage dtype; 8-bit: int8 rows).
+    Rounds to the quantization grid: the result is not exactly ``weight``."""
+    bnb = _bnb()
+    device = module.weight.device
+    if is_bnb_4bit(module):
+        old = module.weight
+        module.weight = bnb.nn.Params4bit(
+            weight.to("cpu"), requires_grad=False, quant_type=old.quant_type, blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics, quant_storage=old.quant_storage, module=module).to(device)
+    else:
+        module.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False).to(device)
+        module.state.CB, module.state.SCB = None, None
+
+
+@torch.no_grad()
+def dense_linear(module: nn.Module, delta: torch.Tensor | None = None) -> nn.Linear:
+    """An nn.Linear holding a quantized layer's dequantized weight (+ delta) in float_weight_dtype
+    and its bias; nothing is re-quantized, so no rounding beyond the weight's quantization."""
+    weight = dequantized_module_weight(module)
+    if delta is not None:
+        weight += delta.to(weight.dtype)
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                       device=weight.device, dtype=weight.dtype)
+    linear.weight.copy_(weight)
+    if module.bias is not None:
+        linear.bias.copy_(module.bias)
+    linear.requires_grad_(False)
+    return linear

@@ -196,3 +196,22 @@ def test_quantized_layers_are_not_grouped():
     layers = [fp.LoRALinear(linear4bit(64, 32), r=4) for _ in range(2)]
     with pytest.raises(ValueError, match="quantized base.*on its own"):
         lora_group_forward(layers, torch.randn(3, 64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_base_repacked_by_bitsandbytes_cpu_inference(backend):
+    """bitsandbytes' eval-mode forward may repack the weight for its AVX512-BF16 CPU kernel; the
+    layer restores the standard layout and computes with the same W."""
+    base = linear4bit(128, 64, torch.bfloat16, "nf4", True)
+    W = dequantized(base)
+    base.eval()
+    with torch.no_grad():
+        base(torch.randn(2, 128, dtype=torch.bfloat16))  # may repack (depends on the CPU)
+    layer = fp.LoRALinear(base, r=4, backend=backend)
+    adapter_params(layer)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    y = layer(x)
+    want = ref.lora_linear(x.double(), W.double(), base.bias.double(), layer.lora_A.weight.double(),
+                           layer.lora_B.weight.double(), layer.scaling)
+    torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dequantized(base), W)

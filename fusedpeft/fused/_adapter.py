@@ -9,7 +9,14 @@ from torch import nn
 
 from fusedpeft.fused._checks import check_linear_input
 from fusedpeft.quantized import check_base as check_quantized_or_linear
-from fusedpeft.quantized import compute_dtype, quantized_weight
+from fusedpeft.quantized import (
+    compute_dtype,
+    dequantized_module_weight,
+    float_weight_dtype,
+    is_quantized,
+    quantized_weight,
+    requantize_,
+)
 from fusedpeft.reference import new_dropout_seed
 
 
@@ -85,20 +92,42 @@ class AdapterLinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
 
+    @property
+    def base_weight_dtype(self) -> torch.dtype:
+        """The float dtype ΔW is added in: W's dtype, or for a quantized base the dtype its weight is
+        dequantized to for merging (fusedpeft.quantized.float_weight_dtype)."""
+        base = self.base_layer
+        return float_weight_dtype(base) if is_quantized(base) else base.weight.dtype
+
+    @torch.no_grad()
+    def add_to_base_weight_(self, delta: torch.Tensor) -> None:
+        """W += delta [out, in]. A quantized base is dequantized, updated and re-quantized with its own
+        settings (as PEFT merges QLoRA): the result is rounded to the quantization grid, with a warning."""
+        base = self.base_layer
+        if not is_quantized(base):
+            base.weight += delta
+            return
+        warnings.warn(f"{type(self).__name__}: merging into a quantized {type(base).__name__} re-quantizes its weight: "
+                      f"W + ΔW is rounded to the quantization grid, so outputs differ slightly from the adapted "
+                      f"layer's and unmerge() does not restore W exactly; fusedpeft.merge_adapters(model, "
+                      f"dequantize=True) returns an unquantized nn.Linear instead", stacklevel=3)
+        requantize_(base, dequantized_module_weight(base) + delta.to(self.base_weight_dtype))
+
     @torch.no_grad()
     def merge(self) -> None:
-        """W += ΔW (in W's dtype); forward then runs the plain base layer. Warns if already merged."""
+        """W += ΔW (in W's dtype; a quantized base is re-quantized, see add_to_base_weight_); forward then
+        runs the plain base layer. Warns if already merged."""
         if self.merged:
             warnings.warn(f"{type(self).__name__}.merge(): already merged; nothing was changed", stacklevel=2)
             return
-        self.base_layer.weight += self.delta_weight()
+        self.add_to_base_weight_(self.delta_weight())
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W -= ΔW, reversing merge() up to rounding. Warns if not merged."""
+        """W -= ΔW, reversing merge() up to rounding (and re-quantization). Warns if not merged."""
         if not self.merged:
             warnings.warn(f"{type(self).__name__}.unmerge(): not merged; nothing was changed", stacklevel=2)
             return
-        self.base_layer.weight -= self.delta_weight()
+        self.add_to_base_weight_(-self.delta_weight())
         self.merged = False

@@ -73,7 +73,7 @@ class LoRALinear(AdapterLinear):
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling * B @ A [out, in], computed in fp32, returned in the base weight's dtype."""
-        return lora_delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling).to(self.base_layer.weight.dtype)
+        return lora_delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling).to(self.base_weight_dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

@@ -70,7 +70,7 @@ class MoRALinear(AdapterLinear):
         """ΔW [out, in] with base(x) + x @ ΔW^T == forward(x) (dropout off), in the base weight's dtype
         (detached: no gradient flows through it)."""
         delta = mora_delta_weight(self.M, self.in_features, self.out_features, self.mora_type)
-        return delta.to(self.base_layer.weight.dtype)
+        return delta.to(self.base_weight_dtype)
 
     @torch.no_grad()
     def fold_and_reset(self, next_type: int | None = None) -> int:
@@ -99,7 +99,7 @@ class MoRALinear(AdapterLinear):
             raise ValueError(f"{where}: switching mora_type {self.mora_type} -> {next_type} changes r_hat from "
                              f"{self.r_hat} to {r_hat} for this {self.in_features}->{self.out_features} layer "
                              f"(type 6 floors r_hat to even), but M must keep its shape; choose another next_type")
-        self.base_layer.weight += self.delta_weight()
+        self.add_to_base_weight_(self.delta_weight())
         self.M.zero_()
         self.mora_type = next_type
         return next_type
