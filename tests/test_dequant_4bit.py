@@ -7,8 +7,8 @@ from fusedpeft.backends import unavailable_reason
 from fusedpeft.quantized import QuantizedWeight, dense_weight, quantized_weight
 from qlora_helpers import linear4bit
 
-pytestmark = pytest.mark.skipif(unavailable_reason("cpu", "lora", torch.device("cpu")) is not None,
-                                reason="the C++ extension is not built")
+needs_extension = pytest.mark.skipif(unavailable_reason("cpu", "lora", torch.device("cpu")) is not None,
+                                     reason="the C++ extension is not built")
 
 
 def _bnb_reference(layer) -> torch.Tensor:
@@ -36,6 +36,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
 @pytest.mark.parametrize("k,d", [(128, 48), (4096, 3), (70, 33), (9, 7)])
+@needs_extension
 def test_bit_exact_with_bitsandbytes(quant_type, double_quant, dtype, blocksize, k, d):
     import bitsandbytes.functional as F
     from fusedpeft.cpp_backend.dequant import dequantize_4bit
@@ -70,6 +71,7 @@ def test_dense_weight_rule():
     assert dense_weight(quantized_weight(linear8bit(64, 8)), torch.float32) is None
 
 
+@needs_extension
 def test_bad_arguments_are_rejected_before_the_kernel():
     import fusedpeft._C  # noqa: F401
 
@@ -81,3 +83,20 @@ def test_bad_arguments_are_rejected_before_the_kernel():
         op(packed, code, torch.ones(2), None, None, 0.0, 64, 0, 64, torch.float32)
     with pytest.raises(RuntimeError, match="code must hold the 16 values"):
         op(packed, torch.zeros(8), absmax, None, None, 0.0, 64, 0, 64, torch.float32)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("blocksize,k,d", [(64, 128, 48), (32, 70, 33), (256, 9, 7)])
+def test_triton_kernel_bit_exact(quant_type, double_quant, dtype, blocksize, k, d):
+    """The Triton dequantization (under the interpreter here) equals the C++ kernel and bitsandbytes'."""
+    if unavailable_reason("triton", "lora", torch.device("cpu")) is not None:
+        pytest.skip("triton cannot run here")
+    from fusedpeft.kernels.dequant import dequantize_4bit
+
+    layer = linear4bit(k, d, dtype, quant_type, double_quant, blocksize)
+    got = dequantize_4bit(quantized_weight(layer))
+    want = _bnb_reference(layer)
+    assert got.dtype == dtype and got.shape == (d, k)
+    assert torch.equal(_bits(got), _bits(want)) or (quant_type == "fp4" and torch.equal(got, want))
