@@ -19,7 +19,7 @@
 #include <immintrin.h>
 #endif
 
-#include "../checks.h"
+#include "../dequant_4bit.h"
 #include "vec.h"
 
 namespace fusedpeft::cpu {
@@ -103,34 +103,16 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& code, con
                            const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& absmax2,
                            double offset, int64_t blocksize, int64_t blocksize2, int64_t numel,
                            at::ScalarType dtype) {
-  check_dtype(kOp, "packed", packed, at::kByte);
-  check_dtype(kOp, "code", code, at::kFloat);
-  TORCH_CHECK(code.numel() == 16, kOp, ": code must hold the 16 values of the 4-bit code book, got ", code.numel());
-  TORCH_CHECK(blocksize >= 2 && blocksize % 2 == 0, kOp, ": blocksize must be even and >= 2, got ", blocksize);
-  TORCH_CHECK(numel >= 0 && packed.numel() == (numel + 1) / 2, kOp, ": packed must hold (numel + 1) / 2 = ",
-              (numel + 1) / 2, " bytes for numel = ", numel, ", got ", packed.numel());
+  check_dequant_4bit_args(kOp, packed, code, absmax, code2, absmax2, blocksize, blocksize2, numel, dtype);
   const int64_t n_blocks = (numel + blocksize - 1) / blocksize;
-  TORCH_CHECK(absmax.numel() == n_blocks, kOp, ": absmax must hold one scale per block (", n_blocks, "), got ",
-              absmax.numel());
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, kOp,
-              ": dtype must be float32, bfloat16 or float16, got ", dtype);
   const bool nested = code2.has_value();
-  TORCH_CHECK(nested == absmax2.has_value(), kOp, ": code2 and absmax2 come together (double quantization)");
   at::Tensor scales;
   if (nested) {
-    check_dtype(kOp, "absmax (double quantized)", absmax, at::kByte);
-    check_dtype(kOp, "code2", *code2, at::kFloat);
-    check_dtype(kOp, "absmax2", *absmax2, at::kFloat);
-    TORCH_CHECK(code2->numel() == 256, kOp, ": code2 must hold 256 values, got ", code2->numel());
-    TORCH_CHECK(blocksize2 > 0 && absmax2->numel() == (n_blocks + blocksize2 - 1) / blocksize2, kOp,
-                ": absmax2 must hold ceil(", n_blocks, " / blocksize2=", blocksize2, ") values, got ",
-                absmax2->numel());
     scales = at::empty({n_blocks}, absmax.options().dtype(at::kFloat));
     const at::Tensor c2 = code2->contiguous(), a2 = absmax2->contiguous(), a = absmax.contiguous();
     decode_nested(a.data_ptr<uint8_t>(), c2.data_ptr<float>(), a2.data_ptr<float>(), blocksize2,
                   static_cast<float>(offset), n_blocks, scales.data_ptr<float>());
   } else {
-    check_dtype(kOp, "absmax", absmax, at::kFloat);
     scales = absmax.contiguous();
   }
   const at::Tensor bytes = packed.contiguous(), table = code.contiguous();
