@@ -92,13 +92,28 @@ def check_base(where: str, base) -> None:
                         f"{SUPPORTED})")
 
 
+def quant_state_of(module: nn.Module):
+    """A Linear4bit's QuantState: its weight's, else the copy the layer keeps (FSDP2 hands the layer a
+    plain Parameter in place of bitsandbytes' Params4bit, which bitsandbytes itself reads it from)."""
+    state = getattr(module.weight, "quant_state", None)
+    return state if state is not None else getattr(module, "quant_state", None)
+
+
 def _check_4bit_ready(where: str, base) -> None:
     weight = base.weight
-    if weight.device.type == "meta" or not getattr(weight, "bnb_quantized", False) \
-            or getattr(weight, "quant_state", None) is None:
+    quantized = getattr(weight, "bnb_quantized", False) or not weight.is_floating_point() \
+        or getattr(base, "quant_state", None) is not None
+    if weight.device.type == "meta" or not quantized or quant_state_of(base) is None:
         raise ValueError(f"{where}: the bitsandbytes Linear4bit's weight was never quantized (dtype {weight.dtype}, "
                          f"device {weight.device}); bitsandbytes quantizes it when the layer is moved to a device: "
                          f"call base.to('cuda') or base.to('cpu') (or load the model with BitsAndBytesConfig) first")
+    storage = getattr(base, "quant_storage", None)
+    if storage is not None and weight.dtype != storage:
+        raise TypeError(f"{where}: the bitsandbytes Linear4bit's packed weight has dtype {weight.dtype} but was stored "
+                        f"as {storage}: something cast the packed 4-bit codes (typically FSDP2's MixedPrecisionPolicy("
+                        f"param_dtype={weight.dtype}) casting every parameter), which destroys them. Load the model with "
+                        f"BitsAndBytesConfig(bnb_4bit_quant_storage={weight.dtype}) (the storage dtype equal to the "
+                        f"parameter dtype), so that the cast changes nothing")
 
 
 @dataclass(frozen=True)
@@ -127,7 +142,7 @@ class QuantizedWeight:
 
     @property
     def quant_state(self):
-        return self.module.weight.quant_state
+        return quant_state_of(self.module)
 
     @property
     def packed(self) -> torch.Tensor:
@@ -142,7 +157,7 @@ class QuantizedWeight:
                             "dequantized weight in fusedpeft's path")
         from bitsandbytes.functional import dequantize_4bit
 
-        w = dequantize_4bit(self.module.weight.data, self.quant_state)
+        w = dequantize_4bit(self.packed, self.quant_state)
         return w.to(dtype or self.dtype)
 
 
@@ -150,7 +165,7 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     """The dtype a quantized base computes in: Linear4bit's compute_dtype (else the dtype it was
     quantized from); float32 for Linear8bitLt (its int8 kernels take any float input)."""
     if is_bnb_4bit(module):
-        return module.compute_dtype or module.weight.quant_state.dtype
+        return module.compute_dtype or quant_state_of(module).dtype
     return torch.float32
 
 
@@ -170,7 +185,7 @@ def _standard_layout_(module: nn.Module) -> None:
     AVX512-BF16 CPUs, a different byte order and scale layout), as bitsandbytes itself does before
     moving or saving the weight, so the weight is in the layout of the module docstring again."""
     weight = module.weight
-    if not getattr(weight.quant_state, "packing_format_for_cpu", False):
+    if not getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
         return
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
@@ -209,7 +224,7 @@ def nested_absmax(q: QuantizedWeight) -> tuple[torch.Tensor | None, torch.Tensor
 def float_weight_dtype(module: nn.Module) -> torch.dtype:
     """The float dtype a quantized weight is merged in: the dtype a 4-bit weight was quantized
     from (quant_state.dtype), float16 for 8-bit (bitsandbytes' own int8 dtype pairing)."""
-    return module.weight.quant_state.dtype if is_bnb_4bit(module) else torch.float16
+    return quant_state_of(module).dtype if is_bnb_4bit(module) else torch.float16
 
 
 @torch.no_grad()
