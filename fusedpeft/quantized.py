@@ -22,7 +22,7 @@ W[e] = round_to(storage_dtype, CODE[quant_type][code(e)] * absmax[e // blocksize
 
 from __future__ import annotations
 
-import functools
+import sys
 from dataclasses import dataclass, replace
 
 import torch
@@ -34,14 +34,10 @@ SUPPORTED = ("torch.nn.Linear, bitsandbytes.nn.Linear4bit (NF4/FP4, double quant
 QUANT_TYPES = ("nf4", "fp4")
 
 
-@functools.lru_cache(maxsize=None)
 def _bnb():
-    """The bitsandbytes module, or None when it is not installed."""
-    try:
-        import bitsandbytes
-    except Exception:  # pragma: no cover - depends on the install
-        return None
-    return bitsandbytes
+    """The bitsandbytes module when it has been imported (a bitsandbytes layer cannot exist
+    otherwise), else None: fusedpeft never imports bitsandbytes itself just to check."""
+    return sys.modules.get("bitsandbytes")
 
 
 def is_bnb_4bit(module) -> bool:

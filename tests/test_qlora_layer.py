@@ -219,3 +219,17 @@ def test_base_repacked_by_bitsandbytes_cpu_inference(backend):
                            layer.lora_B.weight.double(), layer.scaling)
     torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(dequantized(base), W)
+
+
+def test_torch_compile_of_a_4bit_layer():
+    """torch.compile traces around the quantized path (it runs the op's eager autograd.Function)."""
+    layer = fp.LoRALinear(linear4bit(128, 32), r=4, backend="cpu")
+    adapter_params(layer)
+    x = torch.randn(5, 128, requires_grad=True)
+    y = torch.compile(layer)(x)
+    y.sum().backward()
+    x2 = x.detach().requires_grad_()
+    want = layer(x2)
+    want.sum().backward()
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(x.grad, x2.grad)
