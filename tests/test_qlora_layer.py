@@ -1,4 +1,4 @@
-"""LoRALinear / MoRALinear over bitsandbytes 4-bit and 8-bit bases (SPEC §7), on every backend
+"""LoRALinear / MoRALinear over bitsandbytes 4-bit and 8-bit bases, on every backend
 that takes them here, against fusedpeft.reference with the bitsandbytes-dequantized weight."""
 
 import pytest
@@ -12,7 +12,7 @@ from helpers import assert_within, grads
 from qlora_helpers import bnb, dequantized, linear4bit, linear8bit
 
 BACKENDS = ["torch", "cpu", "triton"]  # triton under the interpreter here (tests/conftest.py)
-ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 def run_with_seed(layer, x):
@@ -83,6 +83,17 @@ def test_mora_4bit_matches_reference(backend, quant_type, double_quant, dtype, d
     layer = fp.MoRALinear(base, r=4, mora_type=mora_type, dropout=dropout, backend=backend)
     # 80 rows: above the torch path's "merged" threshold, which a quantized base must not take
     check_against_reference(layer, torch.randn(80, 192, dtype=dtype, requires_grad=True), dropout)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", ["lora", "mora"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fp16_compute_dtype(backend, cls, dropout):
+    """float16 compute (under the Triton interpreter bf16 runs in fp32, fp16 does not)."""
+    base = linear4bit(128, 40, torch.float16, "nf4", True)
+    layer = fp.LoRALinear(base, r=4, dropout=dropout, backend=backend) if cls == "lora" else \
+        fp.MoRALinear(base, r=4, mora_type=6, dropout=dropout, backend=backend)
+    check_against_reference(layer, torch.randn(3, 7, 128, dtype=torch.float16, requires_grad=True), dropout)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

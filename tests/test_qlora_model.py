@@ -1,4 +1,4 @@
-"""QLoRA end to end (SPEC §7): merge / unmerge / merge_adapters on quantized bases, and a tiny Llama
+"""QLoRA end to end: merge / unmerge / merge_adapters on quantized bases, and a tiny Llama
 loaded by transformers with BitsAndBytesConfig on CPU (4-bit and 8-bit): apply_lora / apply_mora,
 Trainer steps, save_adapter, reloaded into PEFT with the same logits."""
 

@@ -1,5 +1,5 @@
 """fusedpeft on a bitsandbytes 4-bit base against PEFT's QLoRA layer (peft.tuners.lora.bnb), and
-from_peft of a PEFT QLoRA model (SPEC §7)."""
+from_peft of a PEFT QLoRA model."""
 
 import copy
 
