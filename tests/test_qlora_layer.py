@@ -244,3 +244,18 @@ def test_torch_compile_of_a_4bit_layer():
     want.sum().backward()
     torch.testing.assert_close(y, want)
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_automatic_backend_skips_triton_mora_for_an_8bit_base(monkeypatch):
+    """Where Triton would be the automatic choice (a GPU), MoRA over an 8-bit base takes the next
+    backend instead of the TypeError a forced backend='triton' gives."""
+    from fusedpeft import backends
+
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("triton", "cpu", "torch"))
+    monkeypatch.delenv("FUSEDPEFT_BACKEND", raising=False)
+    layer = fp.MoRALinear(linear8bit(64, 40), r=4)
+    adapter_params(layer)
+    x = torch.randn(9, 64, dtype=torch.float16, requires_grad=True)
+    y = layer(x)
+    y.float().sum().backward()
+    assert x.grad is not None and layer.M.grad is not None

@@ -12,7 +12,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fusedpeft.backends import implementation, resolve_backend
+from fusedpeft.backends import (
+    AUTO_ORDER,
+    VERIFIED_ON_GPU,
+    implementation,
+    requested_backend,
+    resolve_backend,
+    unavailable_reason,
+)
 from fusedpeft.ops._common import (
     as_rows,
     cast_for_autocast,
@@ -94,6 +101,12 @@ def mora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, M: Tensor, mora_
     """
     x, weight, bias = cast_for_autocast(x, weight, bias)
     name = resolve_backend("mora", backend, x.device)
+    if name == "triton" and requested_backend(backend) is None and getattr(weight, "kind", None) == "8bit":
+        # the Triton MoRA GEMMs fuse the branch into the base product, which an 8-bit base's layer
+        # computes itself: the automatic choice takes the next backend instead
+        name = next((b for b in AUTO_ORDER.get(x.device.type, ()) if b != "triton"
+                     and (b != "cuda" or ("mora", b) in VERIFIED_ON_GPU)
+                     and unavailable_reason(b, "mora", x.device) is None), "torch")
     return run(mora_linear_op, _MoRALinearEager, x, weight, bias, M, int(mora_type), float(dropout_p), seed, name)
 
 
