@@ -144,3 +144,15 @@ def test_llama_8bit_apply_mora_trains(llama_dir):
     grads = [p.grad for n, p in model.named_parameters() if n.endswith(".M")]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_patch_causal_lm_on_a_4bit_model(llama_dir):
+    """patch_causal_lm is unaffected by a quantized body (transformers keeps lm_head unquantized)."""
+    model = fp.apply_lora(load_quantized(llama_dir), r=4)
+    ids = _Tokens(2, 10).ids
+    want = model(ids, labels=ids).loss
+    fp.patch_causal_lm(model)
+    got = model(ids, labels=ids).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.backward()
+    assert model.model.layers[0].self_attn.q_proj.lora_A.weight.grad is not None
