@@ -63,7 +63,8 @@ def _looks_quantized(module) -> str | None:
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor):
         data = weight.data if isinstance(weight, nn.Parameter) else weight
-        if type(data) is not torch.Tensor:
+        # torch's own subclasses (DTensor shards, fake tensors) are not quantized formats
+        if type(data) is not torch.Tensor and not type(data).__module__.startswith("torch."):
             return f"its weight is a {type(data).__name__} tensor subclass"
         if not weight.is_floating_point():
             return f"its weight has dtype {weight.dtype}"

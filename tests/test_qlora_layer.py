@@ -259,3 +259,23 @@ def test_automatic_backend_skips_triton_mora_for_an_8bit_base(monkeypatch):
     y = layer(x)
     y.float().sum().backward()
     assert x.grad is not None and layer.M.grad is not None
+
+
+class _TorchaoLike(torch.Tensor):
+    """Stand-in for a torchao quantized tensor subclass (NF4Tensor, AffineQuantizedTensor)."""
+
+    __module__ = "torchao.dtypes.fake"
+
+
+def test_tensor_subclass_weight_is_a_type_error_but_dtensor_is_not():
+    layer = nn.Linear(64, 32)
+    layer.weight = nn.Parameter(torch.randn(32, 64).as_subclass(_TorchaoLike), requires_grad=False)
+    with pytest.raises(TypeError, match="_TorchaoLike tensor subclass.*Linear4bit"):
+        fp.LoRALinear(layer)
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    assert DTensor.__module__.startswith("torch.")  # what the exemption relies on
