@@ -43,6 +43,11 @@ TORCH_LIBRARY(fusedpeft_C, m) {
   // dtype, and dM [R, R] (compute dtype) from x [N, K] and grad_y [N, D]; cos, sin [n, R] fp32.
   m.def("mora_rope_merge(Tensor weight, Tensor M, int r_hat, Tensor cos, Tensor sin) -> Tensor");
   m.def("mora_rope_weight_grad(Tensor x, Tensor grad_y, int r_hat, Tensor cos, Tensor sin) -> Tensor");
+  // A bitsandbytes 4-bit weight (layout: fusedpeft/quantized.py) -> [numel] in dtype, bit-exact with
+  // bitsandbytes' dequantize_4bit. packed uint8 [(numel + 1) / 2], code [16] fp32, absmax [blocks]
+  // fp32, or uint8 with code2 [256] / absmax2 [ceil(blocks / blocksize2)] / offset (double quant).
+  m.def("dequantize_4bit(Tensor packed, Tensor code, Tensor absmax, Tensor? code2, Tensor? absmax2, float offset, "
+        "int blocksize, int blocksize2, int numel, ScalarType dtype) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -53,4 +53,11 @@ void launch_mora_decompress(DType dtype, const void* ys, const void* bias, void*
 void launch_mora_decompress_backward(DType dtype, const void* gy, void* h, int64_t rows, int64_t width, MoraGeom g,
                                      cudaStream_t stream);
 
+// out [numel] (out_dtype: float, bf16 or half) = a bitsandbytes 4-bit weight dequantized, bit-exact
+// (csrc/cuda/dequant_4bit.cu). absmax: float [blocks], or uint8 codes with code2 [256] / absmax2 /
+// offset when code2 is not null (double quantization).
+void launch_dequant_4bit(DType out_dtype, const uint8_t* packed, const float* code, const void* absmax,
+                         const float* code2, const float* absmax2, float offset, int64_t n_bytes, int64_t numel,
+                         int64_t blocksize, int64_t blocksize2, void* out, cudaStream_t stream);
+
 }  // namespace fusedpeft::cuda

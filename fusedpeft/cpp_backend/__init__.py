@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 OP_NAMES = ("ce_forward", "ce_backward", "ce_loss_and_grad_", "lora_shrink", "lora_shrink_backward",
-            "mora_compress", "mora_compress_backward", "mora_decompress", "mora_decompress_backward")
+            "mora_compress", "mora_compress_backward", "mora_decompress", "mora_decompress_backward", "dequantize_4bit")
 # CPU-only helpers of the CPU backend (the CUDA path keeps these steps in ATen / Triton)
 CPU_ONLY_OP_NAMES = ("lora_expand_backward", "mora_rope_merge", "mora_rope_weight_grad")
 

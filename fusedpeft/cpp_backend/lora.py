@@ -17,7 +17,9 @@ import torch
 
 import fusedpeft._C  # noqa: F401  (registers torch.ops.fusedpeft_C)
 from fusedpeft.cpp_backend import seed_value, unavailable_reason  # noqa: F401  (read by fusedpeft.backends)
-from fusedpeft.torch_backend.lora import expand_onto_base, lora_B_grad
+from fusedpeft.cpp_backend.dequant import dequantize_4bit
+from fusedpeft.quantized import dense_weight
+from fusedpeft.torch_backend.lora import add_base_input_grad_, expand_onto_base, lora_B_grad
 
 _ops = torch.ops.fusedpeft_C
 
@@ -25,8 +27,10 @@ _ops = torch.ops.fusedpeft_C
 def lora_forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
     """x [N, K], weight [D, K], bias [D] | None, lora_A [r, K], lora_B [D, r] -> (y [N, D], S [N, r]).
 
-    y and S have x's dtype; seed is a 0-dim int64 tensor (needed when dropout_p > 0).
+    y and S have x's dtype; seed is a 0-dim int64 tensor (needed when dropout_p > 0). A quantized
+    weight is dequantized by fusedpeft_C::dequantize_4bit (see fusedpeft.quantized).
     """
+    weight = dense_weight(weight, x.dtype, dequantize_4bit)
     if dropout_p > 0.0:
         S = _ops.lora_shrink(x, lora_A, dropout_p, seed_value(seed, dropout_p))
     else:
@@ -41,6 +45,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling: float, dropout_
     grad_A / grad_B come back in the adapters' dtypes, grad_x in x's dtype.
     """
     grad_y = grad_y.to(x.dtype)
+    weight = dense_weight(weight, x.dtype, dequantize_4bit) if need_x else None
     if need_B and (need_x or need_A) and grad_y.device.type == "cpu":
         grad_S, grad_B = _ops.lora_expand_backward(grad_y, S, lora_B, scaling)  # one pass over grad_y
         grad_S, grad_B = grad_S.to(x.dtype), grad_B.to(lora_B.dtype)
@@ -52,12 +57,12 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling: float, dropout_
         if need_x or need_A:
             grad_x, grad_A = _ops.lora_shrink_backward(x, grad_S, lora_A, dropout_p, seed_value(seed, dropout_p),
                                                        need_x, need_A)
-            grad_x = grad_x.addmm_(grad_y, weight) if need_x else None
+            grad_x = add_base_input_grad_(grad_x, grad_y, weight) if need_x else None
             grad_A = grad_A.to(lora_A.dtype) if need_A else None
     else:
         A = lora_A.to(x.dtype)
         if need_A:
             grad_A = (grad_S.t() @ x).to(lora_A.dtype)
         if need_x:
-            grad_x = (grad_S @ A).addmm_(grad_y, weight)
+            grad_x = add_base_input_grad_(grad_S @ A, grad_y, weight)
     return grad_x, grad_A, grad_B

@@ -23,6 +23,9 @@ import torch.nn.functional as F
 
 import fusedpeft._C  # noqa: F401  (registers torch.ops.fusedpeft_C)
 from fusedpeft.cpp_backend import seed_value, unavailable_reason  # noqa: F401  (read by fusedpeft.backends)
+from fusedpeft.cpp_backend.dequant import dequantize_4bit
+from fusedpeft.quantized import dense_weight
+from fusedpeft.torch_backend.lora import add_base_input_grad_
 from fusedpeft.torch_backend.mora import adapter_weight_grad, choose_strategy, geometry, merged_weight
 from fusedpeft.torch_backend.mora_maps import MoraGeometry, rope_tables
 
@@ -71,13 +74,14 @@ def _rotated_weight_grad(x, grad_y, g: MoraGeometry) -> torch.Tensor:
 def mora_forward(x, weight, bias, M, mora_type: int, dropout_p: float, seed, strategy: str | None = None):
     """x [N, K], weight [D, K], bias [D] | None, M [R, R] -> y [N, D] in x's dtype."""
     g = geometry(weight, M, mora_type)
-    strategy = strategy or choose_strategy(x, dropout_p)
+    strategy = strategy or choose_strategy(x, dropout_p, weight)
+    weight = dense_weight(weight, x.dtype, dequantize_4bit)  # a quantized weight: see fusedpeft.quantized
     if strategy == "merged":
         return F.linear(x, _merged_weight(weight, M, g), bias)
     n = x.shape[0]
     y_slots = _compress(x, g, dropout_p, seed) @ M.to(_compute_dtype(x.dtype)).t()
     y = _ops.mora_decompress(y_slots.view(n, _slot_width(g)), g.out_features, g.r_hat, mora_type, bias, x.dtype)
-    return y.addmm_(x, weight.t())
+    return y if weight is None else y.addmm_(x, weight.t())
 
 
 def mora_backward(grad_y, x, weight, M, mora_type: int, dropout_p: float, seed, need_x: bool, need_M: bool,
@@ -85,7 +89,8 @@ def mora_backward(grad_y, x, weight, M, mora_type: int, dropout_p: float, seed, 
     """grad_y [N, D] -> (grad_x [N, K] | None, grad_M [R, R] | None)."""
     g = geometry(weight, M, mora_type)
     grad_y = grad_y.to(x.dtype).contiguous()
-    strategy = strategy or choose_strategy(x, dropout_p)
+    strategy = strategy or choose_strategy(x, dropout_p, weight)
+    weight = dense_weight(weight, x.dtype, dequantize_4bit) if need_x else None
     # type 6 without dropout: dM from R x R products of column blocks of x and dY, rotated after
     # the product (torch backend), instead of the rotated copy of x the compress kernel builds
     rotate_products = mora_type == 6 and dropout_p == 0.0
@@ -103,4 +108,4 @@ def mora_backward(grad_y, x, weight, M, mora_type: int, dropout_p: float, seed, 
     grad_z = (h @ M.to(h.dtype)).view(x.shape[0], _slot_width(g))
     grad_x = _ops.mora_compress_backward(grad_z, g.in_features, g.r_hat, mora_type, dropout_p,
                                          seed_value(seed, dropout_p), cos, sin, x.dtype)
-    return grad_x.addmm_(grad_y, weight), grad_M
+    return add_base_input_grad_(grad_x, grad_y, weight), grad_M

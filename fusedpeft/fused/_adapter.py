@@ -8,6 +8,15 @@ import torch
 from torch import nn
 
 from fusedpeft.fused._checks import check_linear_input
+from fusedpeft.quantized import check_base as check_quantized_or_linear
+from fusedpeft.quantized import (
+    compute_dtype,
+    dequantized_module_weight,
+    float_weight_dtype,
+    is_quantized,
+    quantized_weight,
+    requantize_,
+)
 from fusedpeft.reference import new_dropout_seed
 
 
@@ -17,11 +26,18 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
 
 
 def check_base(where: str, base) -> None:
-    if not isinstance(base, nn.Linear):
-        raise TypeError(f"{where}: base must be a torch.nn.Linear, got {type(base).__name__}")
+    """TypeError / ValueError unless ``base`` is an nn.Linear or a supported quantized layer with at
+    least one input and one output feature."""
+    check_quantized_or_linear(where, base)
     if base.in_features <= 0 or base.out_features <= 0:
         raise ValueError(f"{where}: base must have in_features >= 1 and out_features >= 1, got a "
                          f"{base.in_features} -> {base.out_features} layer (a zero-width layer has nothing to adapt)")
+
+
+def base_factory(base: nn.Module) -> dict:
+    """device and dtype of new adapter parameters for ``base`` (a quantized base: from its compute dtype)."""
+    dtype = compute_dtype(base) if quantized_weight(base) is not None else base.weight.dtype
+    return {"device": base.weight.device, "dtype": adapter_dtype(dtype)}
 
 
 class AdapterLinear(nn.Module):
@@ -41,11 +57,27 @@ class AdapterLinear(nn.Module):
 
         Dropout is on in training mode only; its seed is one draw from torch's default CPU
         generator (SPEC §5). A merged layer runs the plain base layer."""
-        check_linear_input(f"fusedpeft.{type(self).__name__}.forward", x, self.base_layer.weight)
+        where = f"fusedpeft.{type(self).__name__}.forward"
+        base = self.base_layer
+        q = quantized_weight(base)
+        if q is None:
+            check_linear_input(where, x, base.weight)
+        else:
+            check_quantized_or_linear(where, base)
+            check_linear_input(where, x, q, any_dtype=True)
         if self.merged:
-            return self.base_layer(x)
+            return base(x)
         p = self.dropout if self.training else 0.0
-        return self.adapted_forward(x, p, new_dropout_seed() if p > 0.0 else None)
+        seed = new_dropout_seed() if p > 0.0 else None
+        if q is None:
+            return self.adapted_forward(x, base.weight, base.bias, p, seed)
+        # as bitsandbytes does: x in the compute dtype, the output back in x's dtype
+        bias = None if base.bias is None or q.kind == "8bit" else base.bias.to(q.dtype)
+        y = self.adapted_forward(x.to(q.dtype), q, bias, p, seed)
+        if q.kind == "8bit":  # the base product is bitsandbytes' own layer output
+            base_out = base(x)
+            return base_out + y.to(base_out.dtype)
+        return y.to(x.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if self.merged:
@@ -55,7 +87,10 @@ class AdapterLinear(nn.Module):
                           f"would count twice)", stacklevel=3)
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def adapted_forward(self, x: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor, weight, bias: torch.Tensor | None, dropout_p: float,
+                        seed: torch.Tensor | None) -> torch.Tensor:
+        """x [..., in] in the compute dtype -> [..., out]; weight is the base weight [out, in] or a
+        fusedpeft.quantized.QuantizedWeight."""
         raise NotImplementedError  # pragma: no cover - every subclass defines it
 
     @property
@@ -69,20 +104,42 @@ class AdapterLinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
 
+    @property
+    def base_weight_dtype(self) -> torch.dtype:
+        """The float dtype ΔW is added in: W's dtype, or for a quantized base the dtype its weight is
+        dequantized to for merging (fusedpeft.quantized.float_weight_dtype)."""
+        base = self.base_layer
+        return float_weight_dtype(base) if is_quantized(base) else base.weight.dtype
+
+    @torch.no_grad()
+    def add_to_base_weight_(self, delta: torch.Tensor) -> None:
+        """W += delta [out, in]. A quantized base is dequantized, updated and re-quantized with its own
+        settings (as PEFT merges QLoRA): the result is rounded to the quantization grid, with a warning."""
+        base = self.base_layer
+        if not is_quantized(base):
+            base.weight += delta
+            return
+        warnings.warn(f"{type(self).__name__}: merging into a quantized {type(base).__name__} re-quantizes its weight: "
+                      f"W + ΔW is rounded to the quantization grid, so outputs differ slightly from the adapted "
+                      f"layer's and unmerge() does not restore W exactly; fusedpeft.merge_adapters(model, "
+                      f"dequantize=True) returns an unquantized nn.Linear instead", stacklevel=3)
+        requantize_(base, dequantized_module_weight(base) + delta.to(self.base_weight_dtype))
+
     @torch.no_grad()
     def merge(self) -> None:
-        """W += ΔW (in W's dtype); forward then runs the plain base layer. Warns if already merged."""
+        """W += ΔW (in W's dtype; a quantized base is re-quantized, see add_to_base_weight_); forward then
+        runs the plain base layer. Warns if already merged."""
         if self.merged:
             warnings.warn(f"{type(self).__name__}.merge(): already merged; nothing was changed", stacklevel=2)
             return
-        self.base_layer.weight += self.delta_weight()
+        self.add_to_base_weight_(self.delta_weight())
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W -= ΔW, reversing merge() up to rounding. Warns if not merged."""
+        """W -= ΔW, reversing merge() up to rounding (and re-quantization). Warns if not merged."""
         if not self.merged:
             warnings.warn(f"{type(self).__name__}.unmerge(): not merged; nothing was changed", stacklevel=2)
             return
-        self.base_layer.weight -= self.delta_weight()
+        self.add_to_base_weight_(-self.delta_weight())
         self.merged = False

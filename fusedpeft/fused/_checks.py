@@ -80,14 +80,16 @@ def check_mora_type(where: str, name: str, value) -> None:
         raise ValueError(f"{where}: {name} must be one of {MORA_TYPES}, got {value!r} (an int, not a bool or float)")
 
 
-def check_linear_input(where: str, x, weight: torch.Tensor) -> None:
-    """x [..., in_features] for a layer whose base weight is [out_features, in_features]."""
+def check_linear_input(where: str, x, weight, any_dtype: bool = False) -> None:
+    """x [..., in_features] for a layer whose base weight is [out_features, in_features] (a tensor,
+    or anything with .shape / .device / .dtype); any_dtype: x may have any float dtype (a quantized
+    base casts it to its compute dtype, as bitsandbytes does)."""
     check_tensor(where, "x", x, floating=True)
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"{where}: x has {_describe(x)}, but its last dimension must equal the layer's "
                          f"in_features={weight.shape[1]}")
     check_same_device(where, "x", x, "the layer's weight", weight)
-    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+    if not any_dtype and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"{where}: x has dtype {x.dtype} but the base layer's weight is {weight.dtype}; cast x "
                         f"(or the layer) to one dtype, or run under torch.autocast")
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fusedpeft.backends import check_backend_name
-from fusedpeft.fused._adapter import AdapterLinear, adapter_dtype, check_base
+from fusedpeft.fused._adapter import AdapterLinear, base_factory, check_base
 from fusedpeft.fused._checks import check_positive_int, check_probability
 from fusedpeft.ops.lora import lora_linear
 from fusedpeft.reference import lora_delta_weight, lora_scaling
@@ -47,7 +47,7 @@ class LoRALinear(AdapterLinear):
             raise ValueError(f"{where}: init must be one of {LORA_INITS}, got {init!r}")
         check_backend_name(backend)
         super().__init__(base)
-        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
+        factory = base_factory(base)
         self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)
         self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
@@ -66,14 +66,14 @@ class LoRALinear(AdapterLinear):
                 nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
 
-    def adapted_forward(self, x: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
-        base = self.base_layer
-        return lora_linear(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, dropout_p,
-                           seed, self.backend)
+    def adapted_forward(self, x: torch.Tensor, weight, bias: torch.Tensor | None, dropout_p: float,
+                        seed: torch.Tensor | None) -> torch.Tensor:
+        return lora_linear(x, weight, bias, self.lora_A.weight, self.lora_B.weight, self.scaling, dropout_p, seed,
+                           self.backend)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling * B @ A [out, in], computed in fp32, returned in the base weight's dtype."""
-        return lora_delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling).to(self.base_layer.weight.dtype)
+        return lora_delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling).to(self.base_weight_dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

@@ -9,6 +9,7 @@ import torch
 from fusedpeft.fused._checks import check_linear_input
 from fusedpeft.fused.lora import LoRALinear
 from fusedpeft.ops.lora_grouped import lora_linear_grouped
+from fusedpeft.quantized import is_quantized
 from fusedpeft.reference import new_dropout_seed
 
 _WHERE = "fusedpeft.lora_group_forward"
@@ -27,6 +28,9 @@ def check_group(layers) -> None:
         if layer.merged:
             raise ValueError(f"{_WHERE}: layers[{i}] is merged; a merged layer has no adapter path to group "
                              f"(unmerge() it, or call it on its own)")
+        if is_quantized(layer.base_layer):
+            raise ValueError(f"{_WHERE}: layers[{i}] has a quantized base ({type(layer.base_layer).__name__}); "
+                             f"quantized bases are not grouped, call each layer on its own")
     first = layers[0]
     for i, layer in enumerate(layers[1:], start=1):
         w, w0 = layer.base_layer.weight, first.base_layer.weight

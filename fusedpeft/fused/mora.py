@@ -7,7 +7,7 @@ from torch import nn
 
 from fusedpeft.backends import check_backend_name
 from fusedpeft.fused._checks import check_mora_type, check_positive_int, check_probability
-from fusedpeft.fused._adapter import AdapterLinear, adapter_dtype, check_base
+from fusedpeft.fused._adapter import AdapterLinear, base_factory, check_base
 from fusedpeft.ops.mora import mora_delta_weight, mora_linear
 from fusedpeft.reference import mora_padding, mora_r_hat
 
@@ -58,18 +58,18 @@ class MoRALinear(AdapterLinear):
         self.r, self.r_hat, self.mora_type = r, r_hat, mora_type
         self.dropout = float(dropout)
         self.backend = backend
-        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
+        factory = base_factory(base)
         self.M = nn.Parameter(torch.zeros(r_hat, r_hat, **factory))
 
-    def adapted_forward(self, x: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
-        base = self.base_layer
-        return mora_linear(x, base.weight, base.bias, self.M, self.mora_type, dropout_p, seed, self.backend)
+    def adapted_forward(self, x: torch.Tensor, weight, bias: torch.Tensor | None, dropout_p: float,
+                        seed: torch.Tensor | None) -> torch.Tensor:
+        return mora_linear(x, weight, bias, self.M, self.mora_type, dropout_p, seed, self.backend)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW [out, in] with base(x) + x @ ΔW^T == forward(x) (dropout off), in the base weight's dtype
         (detached: no gradient flows through it)."""
         delta = mora_delta_weight(self.M, self.in_features, self.out_features, self.mora_type)
-        return delta.to(self.base_layer.weight.dtype)
+        return delta.to(self.base_weight_dtype)
 
     @torch.no_grad()
     def fold_and_reset(self, next_type: int | None = None) -> int:
@@ -97,7 +97,7 @@ class MoRALinear(AdapterLinear):
             raise ValueError(f"{where}: switching mora_type {self.mora_type} -> {next_type} changes r_hat from "
                              f"{self.r_hat} to {r_hat} for this {self.in_features}->{self.out_features} layer "
                              f"(type 6 floors r_hat to even), but M must keep its shape; choose another next_type")
-        self.base_layer.weight += self.delta_weight()
+        self.add_to_base_weight_(self.delta_weight())
         self.M.zero_()
         self.mora_type = next_type
         return next_type

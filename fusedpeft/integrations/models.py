@@ -11,6 +11,7 @@ from torch import nn
 from fusedpeft.fused._adapter import AdapterLinear
 from fusedpeft.fused.lora import LoRALinear
 from fusedpeft.fused.mora import MoRALinear
+from fusedpeft.quantized import dense_linear, is_quantized
 
 # Attention and MLP projections of common HF decoder models, matched as the last component(s) of a
 # module's qualified name:
@@ -124,7 +125,24 @@ def _swap_in(where: str, model: nn.Module, target_modules, make) -> nn.Module:
     for (name, linear), (_, adapter) in zip(found, built):
         _replace_everywhere(model, linear, adapter)
     unfreeze_adapters(model)
+    _mark_adapters_for_transformers(model, True)
     return model
+
+
+# transformers' Trainer refuses a quantized model ("purely quantized") unless it carries adapters,
+# which it recognises by this attribute (set when PEFT adapters are loaded through transformers).
+_HF_ADAPTER_FLAG = "_hf_peft_config_loaded"
+
+
+def _mark_adapters_for_transformers(model: nn.Module, adapted: bool) -> None:
+    """Set (or, after merging, clear) transformers' adapter flag on a quantized HF model, so its
+    Trainer trains the adapters; only a flag fusedpeft set itself is cleared."""
+    if adapted and getattr(model, "is_quantized", False) and not getattr(model, _HF_ADAPTER_FLAG, False):
+        setattr(model, _HF_ADAPTER_FLAG, True)
+        model._fusedpeft_set_adapter_flag = True
+    elif not adapted and getattr(model, "_fusedpeft_set_adapter_flag", False):
+        setattr(model, _HF_ADAPTER_FLAG, False)
+        del model._fusedpeft_set_adapter_flag
 
 
 def unfreeze_adapters(model: nn.Module) -> None:
@@ -177,17 +195,21 @@ def apply_mora(model: nn.Module, target_modules=None, r: int = 8, mora_type: int
 
 
 @torch.no_grad()
-def merge_adapters(model: nn.Module) -> nn.Module:
+def merge_adapters(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Fold every LoRALinear / MoRALinear of ``model`` into its base weight (W += ΔW in W's dtype) and
     put the plain nn.Linear back in its place. Returns the model (the base nn.Linear itself when
     ``model`` is a single adapter layer). Parameter requires_grad flags are left as they are (the
     base weights stay frozen). Outputs equal the adapted model's with dropout off, up to rounding
     of W's dtype. Raises ValueError when the model holds no adapter layer.
+
+    Quantized bases (bitsandbytes 4-bit / 8-bit): by default W + ΔW is re-quantized with the layer's
+    own settings (PEFT's behaviour; warns: the sum is rounded to the quantization grid, so outputs
+    differ from the adapted model's by about one quantization step of ΔW's size). With
+    ``dequantize=True`` such a layer becomes a plain nn.Linear holding the dequantized W + ΔW in the
+    dtype the weight was quantized from (4-bit) or float16 (8-bit): no re-quantization rounding.
     """
     if isinstance(model, AdapterLinear):
-        if not model.merged:
-            model.merge()
-        return model.base_layer
+        return _merged_base(model, dequantize)
     if not isinstance(model, nn.Module):
         raise TypeError(f"fusedpeft.merge_adapters: model must be a torch.nn.Module, got {type(model).__name__}")
     adapters = [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLinear)]
@@ -195,7 +217,15 @@ def merge_adapters(model: nn.Module) -> nn.Module:
         raise ValueError(f"fusedpeft.merge_adapters: {type(model).__name__} holds no LoRALinear / MoRALinear layer "
                          f"(apply_lora / apply_mora / load_adapter add them)")
     for name, layer in adapters:
-        if not layer.merged:
-            layer.merge()
-        _replace_everywhere(model, layer, layer.base_layer)
+        _replace_everywhere(model, layer, _merged_base(layer, dequantize))
+    _mark_adapters_for_transformers(model, False)
     return model
+
+
+def _merged_base(layer: AdapterLinear, dequantize: bool) -> nn.Module:
+    """The layer's base with its adapter folded in (an nn.Linear for a quantized base when dequantize)."""
+    if dequantize and is_quantized(layer.base_layer):
+        return dense_linear(layer.base_layer, None if layer.merged else layer.delta_weight())
+    if not layer.merged:
+        layer.merge()
+    return layer.base_layer

@@ -30,6 +30,7 @@ from fusedpeft.fused._checks import FLOAT_DTYPES
 from fusedpeft.fused.lora import LoRALinear
 from fusedpeft.fused.mora import MoRALinear, _checked_r_hat
 from fusedpeft.integrations.models import _replace_everywhere, _set_submodule, unfreeze_adapters
+from fusedpeft.quantized import is_quantized
 from fusedpeft.reference import MORA_TYPES, lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
@@ -64,7 +65,8 @@ def from_peft(peft_model) -> nn.Module:
 
     Args:
         peft_model: a peft.PeftModel or peft.tuners.lora.LoraModel with exactly one LoRA adapter,
-            whose LoRA layers wrap plain nn.Linear layers (no DoRA, no lora_bias, no
+            whose LoRA layers wrap plain nn.Linear layers or bitsandbytes Linear4bit / Linear8bitLt
+            (PEFT's QLoRA layers) (no DoRA, no lora_bias, no
             modules_to_save, no Embedding / Conv / quantized / Conv1D (fan_in_fan_out) layers).
     Returns the underlying transformers (or other) model, modified in place: each PEFT LoRA layer
     is replaced by a LoRALinear whose base_layer, lora_A and lora_B are PEFT's own modules (the
@@ -102,10 +104,11 @@ def from_peft(peft_model) -> nn.Module:
         if not isinstance(module, LoraLayer):
             continue
         kind = type(module).__name__
-        if not isinstance(module, PeftLoraLinear) or not isinstance(module.get_base_layer(), nn.Linear):
+        peft_qlora = type(module).__module__.endswith("lora.bnb") and is_quantized(module.get_base_layer())
+        if not (isinstance(module, PeftLoraLinear) or peft_qlora) or not isinstance(module.get_base_layer(), nn.Linear):
             raise TypeError(f"{where}: LoRA layer {name!r} is a {kind} over a "
                             f"{type(module.get_base_layer()).__name__}; only LoRA on plain torch.nn.Linear "
-                            f"layers can be converted")
+                            f"layers and on bitsandbytes 4-bit / 8-bit layers can be converted")
         if module.active_adapters != [adapter] or module.disable_adapters:
             raise ValueError(f"{where}: LoRA layer {name!r} has active adapters {module.active_adapters} "
                              f"(disabled={module.disable_adapters}); exactly {adapter!r} must be active")

@@ -26,6 +26,7 @@ import torch
 import triton
 
 from fusedpeft.kernels._common import device_capability, for_launch, interpreting
+from fusedpeft.kernels.dequant import dequantize_4bit
 from fusedpeft.kernels.lora_jit import (
     _lora_bwd_da_kernel,
     _lora_bwd_ds_db_kernel,
@@ -33,6 +34,7 @@ from fusedpeft.kernels.lora_jit import (
     _lora_fwd_kernel,
     _lora_shrink_kernel,
 )
+from fusedpeft.quantized import dense_weight
 
 MAX_R_BLOCK = 128  # rank chunk of the thin kernels; larger ranks add a program axis
 # Rank chunk of the GEMMs' prologue; larger ranks loop. 32 keeps dX (dropout mask, x tile and the
@@ -182,16 +184,19 @@ def shrink(x: torch.Tensor, A: torch.Tensor, dropout_p: float, seed, out: torch.
 
 
 def forward_gemm(x, weight, bias, S, B, scaling: float) -> torch.Tensor:
-    """y = x @ W^T + bias + scaling S @ B^T: x [N, K] contiguous, weight [D, K], bias [D] | None,
-    S [N, R] (unit column stride), B [D, R] -> y [N, D] in x's dtype."""
+    """y = x @ W^T + bias + scaling S @ B^T: x [N, K] contiguous, weight [D, K] | None (no base
+    product: the base loop runs over 0 columns), bias [D] | None, S [N, R] (unit column stride),
+    B [D, R] -> y [N, D] in x's dtype."""
     N, K = x.shape
-    D, R = weight.shape[0], S.shape[1]
+    D, R = B.shape[0], S.shape[1]
     y = x.new_empty(N, D)
     if N == 0 or D == 0:
         return y
     bias = bias.contiguous() if bias is not None else None
-    args = (x, weight, bias if bias is not None else y, S, B, y, N, D, K, R, x.stride(0), weight.stride(0),
-            weight.stride(1), S.stride(0), B.stride(0), B.stride(1), y.stride(0), float(scaling))
+    w, k_base = (weight, K) if weight is not None else (x, 0)
+    args = (x, w, bias if bias is not None else y, S, B, y, N, D, k_base, R, x.stride(0),
+            weight.stride(0) if weight is not None else 0, weight.stride(1) if weight is not None else 1,
+            S.stride(0), B.stride(0), B.stride(1), y.stride(0), float(scaling))
     kwargs = dict(HAS_BIAS=bias is not None, FP64=x.dtype == torch.float64, PRECISION=_precision(x.dtype),
                   R_BLOCK=gemm_rank_block(R))
     _launch_gemm(_lora_fwd_kernel, x, N, D, args, kwargs)
@@ -251,9 +256,12 @@ def dx_gemm(dy, weight, dS, A, dropout_p: float, seed, out: torch.Tensor | None 
     """dX = dY @ W + dropout'(dS @ A): dy [N, D] contiguous, weight [D, K], dS [N, R] | None (no
     rank term when None), A [R, K] -> [N, K] in dy's dtype. With ``out`` (contiguous [N, K]) the
     result is added to what ``out`` holds. With x [N, K] (contiguous) and dA [R, K] (zeroed fp32 /
-    fp64), dA += dS^T @ dropout(x) is computed in the same kernel (needs dS)."""
+    fp64), dA += dS^T @ dropout(x) is computed in the same kernel (needs dS). weight None: no
+    dY @ W term (its loop runs over 0 columns; K is then A's)."""
     N, D = dy.shape
-    K = weight.shape[1]
+    K = weight.shape[1] if weight is not None else A.shape[1]
+    if weight is None:
+        weight, D = dy.new_empty(0, K), 0
     accumulate = out is not None
     dx = dy.new_empty(N, K) if out is None else out
     if N == 0 or K == 0:
@@ -280,6 +288,12 @@ def dx_gemm(dy, weight, dS, A, dropout_p: float, seed, out: torch.Tensor | None 
 # ------------------------------------------------------------------------------------------------
 
 
+def _dense(weight, x: torch.Tensor) -> torch.Tensor | None:
+    """The base weight as the GEMMs read it: a 4-bit one dequantized by kernels/dequant.py into a
+    fresh buffer; None for an 8-bit base (its output is the layer's own; see fusedpeft.quantized)."""
+    return dense_weight(weight, x.dtype, dequantize_4bit)
+
+
 def _check(x: torch.Tensor, weights, lora_As, lora_Bs) -> None:
     reason = unavailable_reason(x.device)
     if reason:
@@ -287,6 +301,8 @@ def _check(x: torch.Tensor, weights, lora_As, lora_Bs) -> None:
     if x.dtype not in DTYPES:
         raise TypeError(f"triton lora: x has dtype {x.dtype}; the kernels support {DTYPES}")
     for i, (w, A, B) in enumerate(zip(weights, lora_As, lora_Bs)):
+        if w is None:  # no base product (8-bit base)
+            w = x
         if w.dtype != x.dtype:
             raise TypeError(f"triton lora: weight[{i}] has dtype {w.dtype} but x has {x.dtype}; they must match")
         for name, t in (("weight", w), ("lora_A", A), ("lora_B", B)):
@@ -300,6 +316,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: flo
     """x [N, K], weight [D, K], bias [D] | None, lora_A [r, K], lora_B [D, r] -> (y [N, D], S [N, r]).
 
     y and S in x's dtype; seed: 0-dim int64 tensor, needed when dropout_p > 0."""
+    weight = _dense(weight, x)
     _check(x, (weight,), (lora_A,), (lora_B,))
     xl = for_launch(x).contiguous()
     S = shrink(xl, for_launch(lora_A), dropout_p, seed)
@@ -312,6 +329,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling: float, dropout_
     """grad_y [N, D] (any strides) -> (grad_x [N, K] | None, grad_A [r, K] | None, grad_B [D, r] | None).
 
     grad_x in x's dtype, grad_A / grad_B in lora_A's / lora_B's dtypes."""
+    weight = _dense(weight, x) if need_x else None
     _check(x, (weight,), (lora_A,), (lora_B,))
     xl = for_launch(x).contiguous()
     dy = for_launch(grad_y.to(x.dtype)).contiguous()  # a stride-0 expanded gradient becomes a real one

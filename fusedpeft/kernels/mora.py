@@ -49,7 +49,9 @@ import triton
 import triton.language as tl
 
 from fusedpeft.kernels._common import device_capability, for_launch, interpreting
+from fusedpeft.kernels.dequant import dequantize_4bit
 from fusedpeft.kernels.mora_kernels import _mora_dm_kernel, _mora_gemm_kernel, _mora_slot_sum_kernel
+from fusedpeft.quantized import dense_weight
 from fusedpeft.reference import MORA_TYPES, mora_padding, mora_rope_tables
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -207,6 +209,16 @@ def check_inputs(x, weight, bias, M, mora_type, dropout_p, seed, design=None) ->
         raise ValueError("design='compressed' is not shipped for mora_type 6 (see the module docstring); use 'tile'")
 
 
+def _dense(weight, x: torch.Tensor) -> torch.Tensor:
+    """The base weight the GEMMs read: a 4-bit one dequantized by kernels/dequant.py into a fresh
+    buffer (fusedpeft.quantized). The MoRA GEMMs fold the branch into the base product's K loop,
+    so an 8-bit base (whose output is bitsandbytes' own) has no Triton MoRA path."""
+    if not isinstance(weight, torch.Tensor) and weight.kind == "8bit":
+        raise TypeError("triton mora: an 8-bit (bitsandbytes Linear8bitLt) base is not supported by the Triton MoRA "
+                        "kernels, which fuse the adapter into the base GEMM; use backend='torch' or 'cuda' for it")
+    return dense_weight(weight, x.dtype, dequantize_4bit)
+
+
 @contextlib.contextmanager
 def _launching():
     """Under the interpreter, switch off Triton's integer-overflow sanitizer (an interpreter-only
@@ -338,6 +350,7 @@ def mora_forward(x, weight, bias, M, mora_type: int, dropout_p: float, seed, des
     float dtype; seed: 0-dim int64 CPU tensor (dropout_p > 0). Returns y [N, D] in x's dtype.
     design: None (``choose_design``), "tile" or "compressed" (tests and benchmarks).
     """
+    weight = _dense(weight, x)
     check_inputs(x, weight, bias, M, mora_type, dropout_p, seed, design)
     g = Geometry(x.shape[1], weight.shape[0], M.shape[0], mora_type)
     design = design or choose_design(mora_type, x.dtype, dropout_p)
@@ -367,6 +380,7 @@ def mora_backward(grad_y, x, weight, M, mora_type: int, dropout_p: float, seed, 
     grad_y [N, D]; x [N, K]; weight [D, K]; M [R, R]; same seed as the forward.
     Returns (grad_x [N, K] in x's dtype | None, grad_M [R, R] in M's dtype | None).
     """
+    weight = _dense(weight, x)
     check_inputs(x, weight, None, M, mora_type, dropout_p, seed, design)
     if grad_y.shape != (x.shape[0], weight.shape[0]):
         raise ValueError(f"grad_y must be [{x.shape[0]}, {weight.shape[0]}], got {_name(grad_y)}")

@@ -80,8 +80,24 @@ def eager_twin(forward_impl, setup_context, backward) -> type[torch.autograd.Fun
 
 
 def run(op, twin: type[torch.autograd.Function], *args):
-    """The registered op while torch.compile / torch.export trace, else its eager twin."""
-    return op(*args) if torch.compiler.is_compiling() else twin.apply(*args)
+    """The registered op while torch.compile / torch.export trace, else its eager twin. A quantized
+    base weight (fusedpeft.quantized.QuantizedWeight, args[1]) is not a tensor, which a custom op's
+    schema cannot take: it always runs through the twin."""
+    quantized = not isinstance(args[1], torch.Tensor)
+    return op(*args) if torch.compiler.is_compiling() and not quantized else twin.apply(*args)
+
+
+def save_weight(ctx, weight):
+    """What save_for_backward gets for the base weight: the tensor, or None for a quantized weight
+    (kept on ctx: its packed storage only, the dequantized matrix is rebuilt in backward)."""
+    ctx.quantized_weight = None if isinstance(weight, torch.Tensor) else weight
+    return None if ctx.quantized_weight is not None else weight
+
+
+def saved_weight(ctx, saved):
+    """The base weight save_weight stored."""
+    quantized = getattr(ctx, "quantized_weight", None)
+    return saved if quantized is None else quantized
 
 
 def run_backward(ctx, op, implementation, *args):

@@ -24,6 +24,8 @@ from fusedpeft.ops._common import (
     rows_as,
     run,
     run_backward,
+    save_weight,
+    saved_weight,
 )
 
 
@@ -71,7 +73,7 @@ def _(grad_y, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, need_x, ne
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.save_for_backward(x, save_weight(ctx, weight), lora_A, lora_B, output[1], seed)
     ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # S never gets a gradient: do not allocate zeros for it
@@ -79,6 +81,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, grad_S):
     x, weight, lora_A, lora_B, S, seed = ctx.saved_tensors
+    weight = saved_weight(ctx, weight)
     if grad_y is None:
         return None, None, None, None, None, None, None, None, None
     need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]

@@ -12,7 +12,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fusedpeft.backends import implementation, resolve_backend
+from fusedpeft.backends import (
+    AUTO_ORDER,
+    VERIFIED_ON_GPU,
+    implementation,
+    requested_backend,
+    resolve_backend,
+    unavailable_reason,
+)
 from fusedpeft.ops._common import (
     as_rows,
     cast_for_autocast,
@@ -23,6 +30,8 @@ from fusedpeft.ops._common import (
     rows_as,
     run,
     run_backward,
+    save_weight,
+    saved_weight,
 )
 from fusedpeft.torch_backend.mora import delta_weight
 from fusedpeft.torch_backend.mora_maps import MoraGeometry
@@ -66,12 +75,13 @@ def _(grad_y, x, weight, M, mora_type, dropout_p, seed, need_x, need_M, backend)
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, M, mora_type, dropout_p, seed, backend = inputs
-    ctx.save_for_backward(x, weight, M, seed)
+    ctx.save_for_backward(x, save_weight(ctx, weight), M, seed)
     ctx.mora_type, ctx.dropout_p, ctx.backend = mora_type, dropout_p, backend
 
 
 def _backward(ctx, grad_y):
     x, weight, M, seed = ctx.saved_tensors
+    weight = saved_weight(ctx, weight)
     need_x, _, _, need_M = ctx.needs_input_grad[:4]
     grad_x, grad_M = run_backward(ctx, mora_linear_backward_op, _mora_linear_backward, grad_y, x,
                                   weight, M, ctx.mora_type, ctx.dropout_p, seed, need_x, need_M, ctx.backend)
@@ -91,6 +101,12 @@ def mora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, M: Tensor, mora_
     """
     x, weight, bias = cast_for_autocast(x, weight, bias)
     name = resolve_backend("mora", backend, x.device)
+    if name == "triton" and requested_backend(backend) is None and getattr(weight, "kind", None) == "8bit":
+        # the Triton MoRA GEMMs fuse the branch into the base product, which an 8-bit base's layer
+        # computes itself: the automatic choice takes the next backend instead
+        name = next((b for b in AUTO_ORDER.get(x.device.type, ()) if b != "triton"
+                     and (b != "cuda" or ("mora", b) in VERIFIED_ON_GPU)
+                     and unavailable_reason(b, "mora", x.device) is None), "torch")
     return run(mora_linear_op, _MoRALinearEager, x, weight, bias, M, int(mora_type), float(dropout_p), seed, name)
 
 

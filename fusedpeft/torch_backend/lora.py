@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import torch
 
+from fusedpeft.quantized import dense_weight
 from fusedpeft.torch_backend.dropout import dropped_blocks
 
 
 def lora_forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
     """x [N, K], weight [D, K], bias [D] | None, lora_A [r, K], lora_B [D, r] -> (y [N, D], S [N, r]).
 
-    y and S have x's dtype; seed is a 0-dim int64 tensor (needed when dropout_p > 0).
+    y and S have x's dtype; seed is a 0-dim int64 tensor (needed when dropout_p > 0). weight may
+    be a fusedpeft.quantized.QuantizedWeight: dequantized here by bitsandbytes (4-bit), or no
+    base product at all (8-bit, the layer adds bitsandbytes' own output).
     """
+    weight = dense_weight(weight, x.dtype)
     A = lora_A.to(x.dtype)
     if dropout_p > 0.0:
         S = x.new_empty(x.shape[0], A.shape[0])
@@ -34,10 +38,11 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: flo
 
 
 def expand_onto_base(S, x, weight, bias, lora_B, scaling: float) -> torch.Tensor:
-    """y [N, D] = bias + scaling * S @ B^T, then y += x @ W^T as the base GEMM's beta=1 accumulation."""
+    """y [N, D] = bias + scaling * S @ B^T, then y += x @ W^T as the base GEMM's beta=1 accumulation
+    (no base product when weight is None)."""
     B_scaled = (lora_B * scaling).to(x.dtype)
     y = S @ B_scaled.t() if bias is None else torch.addmm(bias, S, B_scaled.t())
-    return y.addmm_(x, weight.t())
+    return y if weight is None else y.addmm_(x, weight.t())
 
 
 def lora_B_grad(S, grad_y, lora_B, scaling: float) -> torch.Tensor:
@@ -50,15 +55,17 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling: float, dropout_
                   need_x: bool, need_A: bool, need_B: bool):
     """grad_y [N, D] -> (grad_x [N, K] | None, grad_A [r, K] | None, grad_B [D, r] | None).
 
-    grad_A / grad_B come back in the adapters' dtypes, grad_x in x's dtype.
+    grad_A / grad_B come back in the adapters' dtypes, grad_x in x's dtype. A quantized weight is
+    dequantized again here (it is never kept from the forward).
     """
     grad_y = grad_y.to(x.dtype)
+    weight = dense_weight(weight, x.dtype) if need_x else None
     A = lora_A.to(x.dtype)
     grad_S = grad_y @ (lora_B * scaling).to(x.dtype) if (need_x or need_A) else None
     grad_B = lora_B_grad(S, grad_y, lora_B, scaling) if need_B else None
     grad_A = None
     if dropout_p > 0.0:
-        grad_x = grad_y @ weight if need_x else None
+        grad_x = base_input_grad(grad_y, weight, x) if need_x else None
         acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         grad_A_acc = torch.zeros(A.shape, dtype=acc_dtype, device=x.device) if need_A else None
         if need_x or need_A:
@@ -72,5 +79,15 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling: float, dropout_
     else:
         if need_A:
             grad_A = (grad_S.t() @ x).to(lora_A.dtype)
-        grad_x = (grad_S @ A).addmm_(grad_y, weight) if need_x else None
+        grad_x = add_base_input_grad_(grad_S @ A, grad_y, weight) if need_x else None
     return grad_x, grad_A, grad_B
+
+
+def base_input_grad(grad_y, weight, x) -> torch.Tensor:
+    """dY @ W [N, K] (zeros when weight is None: the layer's own base output carries that part)."""
+    return grad_y @ weight if weight is not None else torch.zeros_like(x)
+
+
+def add_base_input_grad_(grad_x, grad_y, weight) -> torch.Tensor:
+    """grad_x += dY @ W in place (as the GEMM's beta=1 accumulation); unchanged when weight is None."""
+    return grad_x if weight is None else grad_x.addmm_(grad_y, weight)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fusedpeft.quantized import dense_weight
 from fusedpeft.torch_backend.dropout import dropped_blocks
+from fusedpeft.torch_backend.lora import add_base_input_grad_, base_input_grad
 from fusedpeft.torch_backend.mora_maps import (
     MoraGeometry,
     chunk_input,
@@ -59,8 +61,11 @@ def delta_weight(M: torch.Tensor, g: MoraGeometry) -> torch.Tensor:
     return merged_weight(torch.zeros(g.out_features, g.in_features, dtype=dtype, device=M.device), M, g)
 
 
-def choose_strategy(x: torch.Tensor, dropout_p: float) -> str:
-    merged_ok = dropout_p == 0.0 and x.dtype in (torch.float32, torch.float64)
+def choose_strategy(x: torch.Tensor, dropout_p: float, weight=None) -> str:
+    """"merged" or "explicit" (module docstring). A quantized base weight (not a tensor) always
+    takes "explicit": W + ΔW would be a second dense weight next to the dequantized one."""
+    quantized = weight is not None and not isinstance(weight, torch.Tensor)
+    merged_ok = dropout_p == 0.0 and x.dtype in (torch.float32, torch.float64) and not quantized
     return "merged" if merged_ok and x.shape[0] >= MERGED_MIN_ROWS else "explicit"
 
 
@@ -106,6 +111,14 @@ def adapter_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, g: MoraGeometry) 
     return grad_M
 
 
+def base_output(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, g: MoraGeometry):
+    """x @ W^T + bias [N, D] (bias alone, or zeros, when weight is None: an 8-bit base's layer adds its own)."""
+    if weight is not None:
+        return F.linear(x, weight, bias)
+    y = x.new_zeros(x.shape[0], g.out_features)
+    return y if bias is None else y.add_(bias)
+
+
 def _m_in(x_dtype: torch.dtype, M: torch.Tensor, g: MoraGeometry) -> torch.Tensor:
     return (rope_blocks(M, g) if g.mora_type == 6 else M).to(x_dtype)
 
@@ -113,10 +126,11 @@ def _m_in(x_dtype: torch.dtype, M: torch.Tensor, g: MoraGeometry) -> torch.Tenso
 def mora_forward(x, weight, bias, M, mora_type: int, dropout_p: float, seed, strategy: str | None = None):
     """x [N, K], weight [D, K], bias [D] | None, M [R, R] -> y [N, D] in x's dtype."""
     g = geometry(weight, M, mora_type)
-    strategy = strategy or choose_strategy(x, dropout_p)
+    strategy = strategy or choose_strategy(x, dropout_p, weight)
+    weight = dense_weight(weight, x.dtype)  # a quantized weight: see fusedpeft.quantized
     if strategy == "merged":
         return F.linear(x, merged_weight(weight, M, g), bias)
-    y = F.linear(x, weight, bias)
+    y = base_output(x, weight, bias, g)
     M_x = _m_in(x.dtype, M, g)
     if dropout_p > 0.0:
         for rows, _, x_dropped in dropped_blocks(x, dropout_p, seed):
@@ -131,14 +145,15 @@ def mora_backward(grad_y, x, weight, M, mora_type: int, dropout_p: float, seed, 
     """grad_y [N, D] -> (grad_x [N, K] | None, grad_M [R, R] | None)."""
     g = geometry(weight, M, mora_type)
     grad_y = grad_y.to(x.dtype).contiguous()
-    strategy = strategy or choose_strategy(x, dropout_p)
+    strategy = strategy or choose_strategy(x, dropout_p, weight)
+    weight = dense_weight(weight, x.dtype) if need_x else None
     grad_M = None
     if strategy == "merged":
         grad_x = grad_y @ merged_weight(weight, M, g) if need_x else None
         if need_M:
             grad_M = adapter_weight_grad(x, grad_y, g).to(M.dtype)
         return grad_x, grad_M
-    grad_x = grad_y @ weight if need_x else None
+    grad_x = base_input_grad(grad_y, weight, x) if need_x else None
     M_x = _m_in(x.dtype, M, g)
     if dropout_p > 0.0:
         acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
