@@ -25,6 +25,7 @@ GPU_SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096)]  # L
 GPU_RANK = 16
 # CPU: the issue's target case (2048 tokens, 1024 -> 1024 NF4, r=16) and a wider projection
 CPU_CASES = [(2048, 1024, 1024, 16, 0.0), (2048, 1024, 1024, 16, 0.05), (1024, 1024, 3584, 16, 0.0)]
+SMOKE_CASES = [(64, 64, 48, 4, 0.05)]  # in_features a multiple of the 64-wide quantization block
 
 
 def _bnb():
@@ -161,12 +162,16 @@ def build_case(settings: Settings, n: int, k: int, d: int, r: int, p: float, nam
 
 def cases(settings: Settings):
     """[(case name, builder, priority)] for the device (see bench.lora.cases)."""
-    if settings.device.type == "cuda":
+    if settings.smoke:
+        specs = SMOKE_CASES
+    elif settings.device.type == "cuda":
         specs = [(n, k, d, GPU_RANK, p) for (n, k, d) in GPU_SHAPES for p in (0.0, 0.05)]
     else:
         specs = CPU_CASES
     out = []
     for n, k, d, r, p in specs:
         name = f"N{n}_K{k}_D{d}_r{r}_p{p:g}_nf4"
-        out.append((name, functools.partial(build_case, settings, n, k, d, r, p, name), 0))
+        # GPU: the issue's headline shape (4096 -> 4096) first, the other projections after every suite's headline
+        priority = 1 if settings.device.type == "cuda" and (n, k, d) != GPU_SHAPES[0] else 0
+        out.append((name, functools.partial(build_case, settings, n, k, d, r, p, name), priority))
     return out
