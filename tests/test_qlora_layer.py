@@ -8,10 +8,10 @@ from torch import nn
 import fusedpeft as fp
 from fusedpeft.fused.lora_group import lora_group_forward
 from fusedpeft import reference as ref
-from helpers import assert_within, grads
+from helpers import assert_within, grads, runnable
 from qlora_helpers import bnb, dequantized, linear4bit, linear8bit
 
-BACKENDS = ["torch", "cpu", "triton"]  # triton under the interpreter here (tests/conftest.py)
+BACKENDS = runnable("lora")  # torch, cpu and triton (under the interpreter: tests/conftest.py)
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 

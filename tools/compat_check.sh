@@ -5,11 +5,13 @@
 #   2. the extension built against torch 2.11 for sm_90 (fusedpeft/_C.cpython-312-*.so, beside the
 #      CI venv's build; build/temp.*-cpython-312 keeps it incremental)
 #   3. every Triton kernel config compiled ahead of time for sm_80 / sm_90: no spills, wgmma
-#   4. the torch / cpu backend, layer, loss, compile, integration and extension test files
+#   4. the torch / cpu backend, layer, loss, compile, integration, extension and QLoRA test files
+#      (bitsandbytes is installed there too, though the GPU image may lack it)
 # Triton 3.6's interpreter fails on numpy 2.x (int() of a 1-element array in its __index__), so
 # the Triton kernels are checked here by compiling them, not by interpreting them
 # (TRITON_INTERPRET=0: the triton backend reports itself unavailable on CPU tensors).
-# Exit status non-zero on any failure. Output: $COMPAT_LOG (default build/compat.log) and stdout.
+# Exit status non-zero on any failure. The build log goes to $COMPAT_BUILD_LOG (default
+# build/compat_build.log), the rest to stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,13 +29,14 @@ find_python312() {  # the first candidate that really runs 3.12 (a pyenv shim ma
     return 1
 }
 PINS=("torch==2.11.0" "triton==3.6.0" "transformers==5.17.0" "peft" "safetensors" "pytest" "pytest-benchmark"
-      "ninja" "numpy" "accelerate")
+      "ninja" "numpy" "accelerate" "bitsandbytes")
 STAMP="$VENV/.compat-$(printf '%s ' "${PINS[@]}" | md5sum | cut -c1-12)"
-TESTS=(tests/test_triton_aot.py tests/test_triton_lora_aot.py tests/test_triton_mora_aot.py
+TESTS=(tests/test_triton_aot.py tests/test_triton_lora_aot.py tests/test_triton_mora_aot.py tests/test_triton_dequant_aot.py
        tests/test_triton_cross_entropy_aot.py tests/test_backends.py tests/test_ops.py tests/test_compile.py
        tests/test_lora_layer.py tests/test_mora_layer.py tests/test_losses.py tests/test_causal_lm.py
        tests/test_peft_io.py tests/test_integrations_models.py tests/test_cpp_extension.py
-       tests/test_spec_cross_entropy.py tests/test_spec_lora_peft.py tests/test_spec_mora.py)
+       tests/test_spec_cross_entropy.py tests/test_spec_lora_peft.py tests/test_spec_mora.py tests/test_dequant_4bit.py
+       tests/test_qlora_layer.py tests/test_ce_normalize.py tests/test_hardening.py)
 start=$(date +%s)
 step() { echo "== compat: $1 ($(( $(date +%s) - start )) s)"; }
 
