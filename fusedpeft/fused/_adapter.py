@@ -7,6 +7,7 @@ import warnings
 import torch
 from torch import nn
 
+from fusedpeft.backends import requested_backend, resolve_backend
 from fusedpeft.fused._checks import check_linear_input
 from fusedpeft.reference import new_dropout_seed
 
@@ -21,6 +22,14 @@ def check_base(where: str, base) -> None:
         raise TypeError(f"{where}: base must be a torch.nn.Linear, got {type(base).__name__}")
 
 
+def _base_keys_pre_hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """Load a plain nn.Linear's keys (``weight``, ``bias``) into the wrapped ``base_layer``: the
+    layout of a transformers checkpoint of the adapted model (fusedpeft.integrations.checkpoints)."""
+    for key in ("weight", "bias"):
+        if prefix + key in state_dict and prefix + "base_layer." + key not in state_dict:
+            state_dict[prefix + "base_layer." + key] = state_dict.pop(prefix + key)
+
+
 class AdapterLinear(nn.Module):
     """Base class: holds ``base_layer`` (frozen, shared), checks the input, draws the dropout
     seed, and folds ``delta_weight()`` into the base weight on merge()."""
@@ -32,6 +41,7 @@ class AdapterLinear(nn.Module):
         self.base_layer = base
         base.requires_grad_(False)
         self.merged = False
+        self._register_load_state_dict_pre_hook(_base_keys_pre_hook)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features] in x's dtype (the autocast dtype under autocast).
@@ -46,6 +56,15 @@ class AdapterLinear(nn.Module):
 
     def adapted_forward(self, x: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - every subclass defines it
+
+    def backend_repr(self, family: str) -> str:
+        """The backend asked for and the one that runs on the base weight's device, e.g. "auto->cpu"."""
+        asked = requested_backend(self.backend) if self.backend != "auto" else None
+        try:
+            runs = resolve_backend(family, self.backend, self.base_layer.weight.device)
+        except (RuntimeError, ValueError) as exc:
+            return f"{asked or self.backend} (cannot run here: {exc})"
+        return f"{asked or 'auto'}->{runs}"
 
     @property
     def in_features(self) -> int:
