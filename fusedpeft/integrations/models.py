@@ -12,7 +12,7 @@ from fusedpeft.fused._adapter import AdapterLinear
 from fusedpeft.fused.lora import LoRALinear
 from fusedpeft.fused.mora import MoRALinear
 from fusedpeft.integrations.checkpoints import install_checkpointing
-from fusedpeft.integrations.peft_config import LORA_KEYWORDS, MORA_KEYWORDS, adapter_arguments
+from fusedpeft.integrations.peft_config import adapter_arguments, layer_keywords
 
 # Attention and MLP projections of common HF decoder models, matched as the last component(s) of a
 # module's qualified name:
@@ -154,8 +154,9 @@ def apply_lora(model: nn.Module, target_modules=None, r: int = 8, alpha: float =
     matching explicit target_modules (the default list skips those, e.g. GPT-2's Conv1D).
     """
     where = "fusedpeft.apply_lora"
+    named = dict(target_modules=None, r=8, alpha=8.0, dropout=0.0)
     args = adapter_arguments(where, dict(target_modules=target_modules, r=r, alpha=alpha, dropout=dropout),
-                             dict(target_modules=None, r=8, alpha=8.0, dropout=0.0), kw, LORA_KEYWORDS)
+                             named, kw, layer_keywords(LoRALinear, named))
     target_modules = args.pop("target_modules")
 
     def make(base: nn.Linear) -> LoRALinear:
@@ -175,8 +176,9 @@ def apply_mora(model: nn.Module, target_modules=None, r: int = 8, mora_type: int
     before any layer is swapped.
     """
     where = "fusedpeft.apply_mora"
+    named = dict(target_modules=None, r=8, mora_type=6, dropout=0.0)
     args = adapter_arguments(where, dict(target_modules=target_modules, r=r, mora_type=mora_type, dropout=dropout),
-                             dict(target_modules=None, r=8, mora_type=6, dropout=0.0), kw, MORA_KEYWORDS)
+                             named, kw, layer_keywords(MoRALinear, named))
     target_modules = args.pop("target_modules")
 
     def make(base: nn.Linear) -> MoRALinear:

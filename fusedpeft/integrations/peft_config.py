@@ -4,9 +4,9 @@ keyword, instead of the raw "unexpected keyword argument" of the layer construct
 
 from __future__ import annotations
 
+import inspect
+
 ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
-LORA_KEYWORDS = ("use_rslora", "init", "backend")
-MORA_KEYWORDS = ("backend",)
 _INITS = {True: "kaiming", "gaussian": "gaussian"}
 # LoraConfig fields fusedpeft does not implement, with the value that means "off".
 _UNSUPPORTED = {"use_dora": False, "bias": "none", "fan_in_fan_out": False, "lora_bias": False,
@@ -42,6 +42,13 @@ def from_lora_config(where: str, config) -> dict:
     return {"target_modules": sorted(targets) if targets is not None else None, "r": config.r,
             "alpha": config.lora_alpha, "dropout": config.lora_dropout, "use_rslora": bool(config.use_rslora),
             "init": _INITS[init]}
+
+
+def layer_keywords(layer_class, named: dict) -> tuple[str, ...]:
+    """The keyword arguments of ``layer_class.__init__`` other than base and those in ``named``."""
+    params = inspect.signature(layer_class.__init__).parameters
+    return tuple(n for n, p in params.items() if n not in ("self", "base", *named)
+                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 def adapter_arguments(where: str, given: dict, defaults: dict, kw: dict, allowed: tuple[str, ...]) -> dict:
