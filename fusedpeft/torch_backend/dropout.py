@@ -21,11 +21,14 @@ import torch
 
 from fusedpeft.reference import _MASK32, philox4x32_words, uniform_from_word
 
-# Elements of x per block. Compiled mask: 2^18 on CPU (2048 x 1024 fp32, r=16, p=0.05, measured on
-# the loaded 2-core VM: peak extra memory 28 MiB against 64 MiB at 2^20 and PEFT's 40 MiB; time
-# within the machine's noise of 2^20's). Eager formula: on CPU its int64 temporaries stay cache-sized
-# (~512 KiB each); on a GPU, blocks are large so that the kernels per block are not launch-bound.
-BLOCK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
+# Elements of x per block. Compiled mask: 2^20 on CPU. Measured on the loaded 2-core VM (2048 x
+# 1024 fp32, r=16, p=0.05, LoRA fwd+bwd): 2^20 ~280-310 ms and 64 MiB peak extra memory (block
+# temporaries, bounded by the block, not by x), 2^18 440-750 ms / 28 MiB, 2^16 1.7-2 s / 19 MiB; PEFT
+# 170-230 ms / 40 MiB. Each block costs a few parallel regions, and on a loaded machine every one
+# waits for both threads; a single mask for all rows (one compiled call) measured 98 MiB.
+# Eager formula: on CPU its int64 temporaries stay cache-sized (~512 KiB each); on a GPU, blocks
+# are large so that the kernels per block are not launch-bound.
+BLOCK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
 EAGER_BLOCK_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 24}
 _COMPILED: dict[str, object] = {}  # device type -> compiled mask function, or None after a failed compile
 
