@@ -2,7 +2,8 @@
 # dependency and the package (editable), build the C++/CUDA extension fusedpeft._C in place, then
 # run. Nothing has to be installed by hand. The extension is rebuilt (incrementally, by ninja)
 # whenever a file under csrc/ changes; FUSEDPEFT_SKIP_EXT=1 skips it, FUSEDPEFT_SKIP_CUDA=1 builds
-# it for the CPU only.
+# it for the CPU only. Unset, FUSEDPEFT_SKIP_CUDA becomes 1 when torch is not a CUDA build or sees no
+# GPU (setup.py also leaves CUDA out without a toolkit); FUSEDPEFT_SKIP_CUDA=0 compiles CUDA anyway.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -29,6 +30,10 @@ $(EXT_STAMP): $(STAMP) $(CSRC)
 		rm -f fusedpeft/_C*.so; echo "FUSEDPEFT_SKIP_EXT=1: fusedpeft._C not built"; \
 	else \
 		start=$$(date +%s); \
+		if [ -z "$${FUSEDPEFT_SKIP_CUDA:-}" ] && ! $(PY) -c "import sys, torch; sys.exit(not (torch.version.cuda and torch.cuda.is_available()))"; then \
+			export FUSEDPEFT_SKIP_CUDA=1; \
+			echo "no usable GPU (torch $$($(PY) -c 'import torch; print(torch.__version__)'), no CUDA device visible): building the CPU part only (FUSEDPEFT_SKIP_CUDA=0 to compile CUDA anyway)"; \
+		fi; \
 		PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) setup.py build_ext --inplace || exit 1; \
 		echo "fusedpeft._C built in $$(( $$(date +%s) - start )) s"; \
 		touch $(EXT_STAMP); \

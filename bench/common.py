@@ -4,15 +4,15 @@ A Case holds fixed inputs and a list of Providers (implementations); the first p
 case's floor, the baseline every ratio is taken against. A provider's ``make()`` returns a Step
 (a forward closure plus the tensors that receive gradients) or raises Skip with the reason.
 Everything of one case is measured in the same process (warm-up, output check and peak memory one
-provider at a time, then the timings; on the CPU interleaved between providers), so the ratios
-cancel machine-to-machine noise.
+provider at a time, then the timings; on the CPU forward and forward+backward of every provider
+interleaved in one loop), so the ratios cancel machine-to-machine noise. Numbers that contradict
+each other (bench/timing.py's checks) are measured again, then flagged in the table and the JSON.
 """
 
 from __future__ import annotations
 
 import gc
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -21,6 +21,7 @@ import torch
 
 from bench.memory import peak_extra_bytes
 from bench.report import format_case
+from bench.timing import case_flags, cpu_interleaved, cuda_do_bench
 
 
 class Skip(Exception):
@@ -45,12 +46,21 @@ class Settings:
     cuda_rep_ms: float = 30.0
     cuda_min_reps: int = 3
     cuda_max_reps: int = 100
+    cpu_median_ci: float = 0.03    # CPU: more runs until the median's 95% CI is within 3% of it ...
+    cpu_max_budgets: float = 3.0   # ... or the fn has spent this many cpu_budget_s
+    max_rel_iqr: float = 0.25      # consistency checks (bench/timing.py): flag an IQR above 25% of the median,
+    fwd_tolerance: float = 0.05    # a forward median 5% above the forward+backward one,
+    ratio_tolerance: float = 0.2   # a paired ratio 20% away from the ratio of the medians
+    remeasure: int = 1             # a case failing the checks is measured again this many times, then flagged
 
     @classmethod
     def make(cls, device: torch.device, dtype: torch.dtype, quick: bool, smoke: bool = False) -> "Settings":
         if quick or smoke:
             return cls(device, dtype, True, smoke, cpu_budget_s=0.15, cpu_min_reps=2, cpu_min_reps_slow=1,
-                       cpu_max_reps=10, cuda_warmup_ms=2.0, cuda_rep_ms=8.0, cuda_min_reps=2)
+                       cpu_max_reps=10, cuda_warmup_ms=2.0, cuda_rep_ms=8.0, cuda_min_reps=2,
+                       cpu_max_budgets=1.5, remeasure=0 if smoke else 1)
+        if device.type == "cuda":
+            return cls(device, dtype, False, max_rel_iqr=0.1)
         return cls(device, dtype, False)
 
 
@@ -127,81 +137,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cpu_interleaved_ms(fns: list[Callable[[], None]], settings: Settings) -> list[tuple[float, int, float] | Exception]:
-    """Median wall-clock ms of each (already warmed-up) fn, timed in interleaved rounds.
-
-    Every round runs each fn that still needs samples once, in an order rotated from round to
-    round, so load from other processes hits every implementation alike. A fn's first run sets
-    how many it gets: about cpu_budget_s in total, at least cpu_min_reps (cpu_min_reps_slow for
-    runs over a second), at most cpu_max_reps. Returns (median ms, runs, paired ratio) per fn,
-    or the exception it raised; the paired ratio is the median over rounds of its time divided
-    by fns[0]'s time in the same round, which cancels the machine's drift between rounds.
-    """
-    times: list[list[float]] = [[] for _ in fns]
-    by_round: list[dict[int, float]] = [{} for _ in fns]
-    targets: list[int | None] = [None] * len(fns)
-    errors: dict[int, Exception] = {}
-    for round_index in range(10**6):
-        active = [i for i in range(len(fns)) if targets[i] is None or len(times[i]) < targets[i]]
-        if not active:
-            break
-        shift = round_index % len(active)
-        for i in active[shift:] + active[:shift]:
-            start = time.perf_counter()
-            try:
-                fns[i]()
-            except Exception as exc:  # noqa: BLE001 - reported per provider
-                errors[i], targets[i] = exc, len(times[i])
-                continue
-            elapsed = time.perf_counter() - start
-            times[i].append(elapsed)
-            by_round[i][round_index] = elapsed
-            if targets[i] is None:
-                min_reps = settings.cpu_min_reps_slow if elapsed > 1.0 else settings.cpu_min_reps
-                targets[i] = int(min(settings.cpu_max_reps, max(min_reps, settings.cpu_budget_s / max(elapsed, 1e-6))))
-
-    def paired_ratio(i: int) -> float:
-        shared = [r for r in by_round[i] if r in by_round[0]]
-        return statistics.median(by_round[i][r] / by_round[0][r] for r in shared) if shared else math.nan
-
-    return [errors[i] if i in errors else (statistics.median(t) * 1e3, len(t), paired_ratio(i))
-            for i, t in enumerate(times)]
-
-
-_L2_FLUSH: dict = {}  # device -> 256 MiB buffer written before each timed run (larger than any L2)
-
-
-def _cuda_event_ms(fn: Callable[[], None], flush: torch.Tensor | None = None) -> tuple[object, object]:
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    if flush is not None:
-        flush.zero_()  # evict L2 (outside the timed region), as triton.testing.do_bench does
-    begin.record()
-    fn()
-    end.record()
-    return begin, end
-
-
-def cuda_median_ms(fn: Callable[[], None], settings: Settings) -> tuple[float, int]:
-    """Median ms of fn() on the GPU with CUDA events, L2 flushed before every timed run.
-
-    Like triton.testing.do_bench, but one estimating run instead of five and at least
-    cuda_min_reps timed runs: warm-up runs fill about cuda_warmup_ms, timed runs about
-    cuda_rep_ms (at most cuda_max_reps). Returns (median ms, timed runs).
-    """
-    flush = _L2_FLUSH.get(settings.device)
-    if flush is None:
-        flush = _L2_FLUSH[settings.device] = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=settings.device)
-    begin, end = _cuda_event_ms(fn, flush)
-    torch.cuda.synchronize(settings.device)
-    estimate = max(begin.elapsed_time(end), 1e-3)
-    for _ in range(int(min(25, max(1, settings.cuda_warmup_ms / estimate)))):
-        fn()
-    reps = int(min(settings.cuda_max_reps, max(settings.cuda_min_reps, settings.cuda_rep_ms / estimate)))
-    pairs = [_cuda_event_ms(fn, flush) for _ in range(reps)]
-    torch.cuda.synchronize(settings.device)
-    return statistics.median(b.elapsed_time(e) for b, e in pairs), reps
-
-
 def _relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     """max |out - expected| / max |expected| in float32."""
     out, expected = out.detach().float(), expected.detach().float().to(out.device)
@@ -235,26 +170,48 @@ def prepare_provider(provider: Provider, settings: Settings, expected) -> tuple[
 
 
 def _time_all(prepared: list[tuple[Step, dict]], settings: Settings) -> None:
-    """Fill fwd_ms / fwd_bwd_ms of every prepared row (CUDA events per step, interleaved on CPU)."""
-    for key, method in (("fwd", "run_forward"), ("fwd_bwd", "run_forward_backward")):
-        fns = [getattr(step, method) for step, _ in prepared]
-        if settings.device.type == "cuda":
-            timings = []
-            for fn in fns:
-                try:
-                    timings.append(cuda_median_ms(fn, settings))
-                except Exception as exc:  # noqa: BLE001
-                    timings.append(exc)
-        else:
-            timings = cpu_interleaved_ms(fns, settings)
-        for (step, row), timing in zip(prepared, timings):
-            step.clear_grads()
-            if isinstance(timing, Exception):
-                row.setdefault("skipped", _failure(timing))
-                continue
-            row[f"{key}_ms"], row.setdefault("timed_runs", {})[key] = timing[:2]
-            if len(timing) > 2 and not math.isnan(timing[2]):
-                row[f"{key}_paired_ratio"] = timing[2]
+    """Fill fwd_ms / fwd_bwd_ms (medians), their min, quartiles, relative IQR and runs in every
+    prepared row. CPU: forward and forward+backward of every provider in one interleaved loop (paired
+    ratios against the floor's same step); CUDA: triton.testing.do_bench per step."""
+    keys = (("fwd", "run_forward"), ("fwd_bwd", "run_forward_backward"))
+    fns = [getattr(step, method) for step, _ in prepared for _, method in keys]
+    if settings.device.type == "cuda":
+        timings = []
+        for fn in fns:
+            try:
+                timings.append(cuda_do_bench(fn, settings))
+            except Exception as exc:  # noqa: BLE001
+                timings.append(exc)
+    else:
+        timings = cpu_interleaved(fns, settings, floors=[i % len(keys) for i in range(len(fns))])
+    for index, timing in enumerate(timings):
+        (step, row), key = prepared[index // len(keys)], keys[index % len(keys)][0]
+        step.clear_grads()
+        if isinstance(timing, Exception):
+            row.setdefault("skipped", _failure(timing))
+            continue
+        summary = timing.summary()
+        row[f"{key}_ms"], row.setdefault("timed_runs", {})[key] = summary["median"], summary["runs"]
+        row[f"{key}_min_ms"], row[f"{key}_q1_ms"], row[f"{key}_q3_ms"] = summary["min"], summary["q1"], summary["q3"]
+        row[f"{key}_rel_iqr"] = summary["rel_iqr"]
+        if not math.isnan(timing.paired_ratio):
+            row[f"{key}_paired_ratio"] = timing.paired_ratio
+
+
+def _time_checked(prepared: list[tuple[Step, dict]], settings: Settings) -> dict[str, list[str]]:
+    """_time_all, then the consistency checks; a case that fails them is measured again (up to
+    settings.remeasure times). Returns {impl: flags} still failing after the last measurement."""
+    for attempt in range(settings.remeasure + 1):
+        for _, row in prepared:
+            for key in [k for k in row if k.startswith(("fwd_", "fwd_bwd_"))]:
+                del row[key]
+        _time_all(prepared, settings)
+        flags = case_flags([row for _, row in prepared], settings)
+        for _, row in prepared:
+            row["measurements"] = attempt + 1
+        if not flags:
+            return {}
+    return flags
 
 
 def _free_memory(device: torch.device) -> None:
@@ -283,7 +240,10 @@ def run_case(case: Case, settings: Settings) -> dict:
         rows.append(row)
         _free_memory(settings.device)
     del expected
-    _time_all(prepared, settings)
+    flags = _time_checked(prepared, settings) if prepared else {}
+    for row in rows:
+        if row["impl"] in flags:
+            row["flags"] = flags[row["impl"]]
     for provider, row in zip(case.providers, rows):
         if "skipped" not in row:
             work = provider.work or case.work
@@ -294,5 +254,7 @@ def run_case(case: Case, settings: Settings) -> dict:
     _free_memory(settings.device)
     result = {"suite": case.suite, "case": case.name, "params": case.params, "floor": case.providers[0].name,
               "formula": case.work.formula, "notes": case.notes, "results": rows}
+    if flags:
+        result["flags"] = flags
     print(format_case(result), flush=True)
     return result

@@ -32,6 +32,7 @@ from bench.common import Settings, run_case
 from bench.memory import validate_cpu_method
 from bench.plot import plot_results
 from bench.providers import INTERPRETED_TRITON
+from bench.timing import Progress
 
 REPO = Path(__file__).resolve().parent.parent
 SUITES = {"lora": lora.cases, "lora_grouped": lora_grouped.cases, "mora": mora.cases, "ce": ce.cases,
@@ -153,7 +154,13 @@ def main(argv=None) -> int:
     json_path = out_dir / f"bench_{args.suite}.json"
     start = time.perf_counter()
     not_run = []
-    for suite, name, build in _selected(suite_names, settings, filters):
+    selected = _selected(suite_names, settings, filters)
+    progress = Progress(len(selected), settings)
+    print(f"{len(selected)} cases, estimated ~{progress.estimate_total_s() / 60:.0f} min (refined after each case)",
+          flush=True)
+    for suite, name, build in selected:
+        print(progress.line(f"{suite}/{name}"), flush=True)
+        progress.case_done()
         if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
             not_run.append(f"{suite}/{name}")
             continue
@@ -180,12 +187,18 @@ def main(argv=None) -> int:
     failures += [f"{c['suite']}/{c['case']}: {c['error']}" for c in report["cases"] if "error" in c]
     report["failures"] = failures
     report["not_run_time_budget"] = not_run
+    flagged = [f"{c['suite']}/{c['case']}: {impl}: {'; '.join(flags)}" for c in report["cases"]
+               for impl, flags in c.get("flags", {}).items()]
+    report["flagged"] = flagged
     report["elapsed_s"] = round(time.perf_counter() - start, 1)
     json_path.write_text(json.dumps(report, indent=1, default=str))
     print(f"\n{len(report['cases'])} cases in {report['elapsed_s']} s; wrote {json_path}"
           + "".join(f", {p}" for p in plots))
     if not_run:
         print(f"NOT RUN (--budget-s {args.budget_s:g} used up): " + ", ".join(not_run))
+    if flagged:
+        print(f"FLAGGED ({len(flagged)} rows whose numbers contradict each other after every measurement; "
+              "the machine was too noisy for them):\n  " + "\n  ".join(flagged))
     if failures:
         print("FAILED providers (an exception, not a missing dependency):\n  " + "\n  ".join(failures))
         return 1

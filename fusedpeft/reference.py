@@ -66,10 +66,14 @@ def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
 
     offsets: integer tensor, any shape; taken modulo 2**32. Returns float32 in [0, 1).
     """
-    word = philox4x32(seed, offsets.to(torch.int64) & _MASK32)[0]
+    return uniform_from_word(philox4x32(seed, offsets.to(torch.int64) & _MASK32)[0])
+
+
+def uniform_from_word(word: torch.Tensor) -> torch.Tensor:
+    """tl.rand's float32 in [0, 1) from Philox's first output word (uint32 values in int64)."""
     as_int32 = torch.where(word >= 2**31, word - 2**32, word)  # reinterpret the bits as int32
     folded = torch.where(as_int32 < 0, -as_int32 - 1, as_int32)
-    return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=offsets.device)
+    return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=word.device)
 
 
 def dropout_keep_mask(seed: int, n_rows: int, n_cols: int, p: float, row_start: int = 0,

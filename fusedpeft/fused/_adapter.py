@@ -7,6 +7,7 @@ import warnings
 import torch
 from torch import nn
 
+from fusedpeft.backends import requested_backend, resolve_backend
 from fusedpeft.fused._checks import check_linear_input
 from fusedpeft.quantized import check_base as check_quantized_or_linear
 from fusedpeft.quantized import (
@@ -40,6 +41,14 @@ def base_factory(base: nn.Module) -> dict:
     return {"device": base.weight.device, "dtype": adapter_dtype(dtype)}
 
 
+def _base_keys_pre_hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """Load a plain nn.Linear's keys (``weight``, ``bias``) into the wrapped ``base_layer``: the
+    layout of a transformers checkpoint of the adapted model (fusedpeft.integrations.checkpoints)."""
+    for key in ("weight", "bias"):
+        if prefix + key in state_dict and prefix + "base_layer." + key not in state_dict:
+            state_dict[prefix + "base_layer." + key] = state_dict.pop(prefix + key)
+
+
 class AdapterLinear(nn.Module):
     """Base class: holds ``base_layer`` (frozen, shared), checks the input, draws the dropout
     seed, and folds ``delta_weight()`` into the base weight on merge()."""
@@ -51,6 +60,7 @@ class AdapterLinear(nn.Module):
         self.base_layer = base
         base.requires_grad_(False)
         self.merged = False
+        self._register_load_state_dict_pre_hook(_base_keys_pre_hook)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features] in x's dtype (the autocast dtype under autocast).
@@ -92,6 +102,15 @@ class AdapterLinear(nn.Module):
         """x [..., in] in the compute dtype -> [..., out]; weight is the base weight [out, in] or a
         fusedpeft.quantized.QuantizedWeight."""
         raise NotImplementedError  # pragma: no cover - every subclass defines it
+
+    def backend_repr(self, family: str) -> str:
+        """The backend asked for and the one that runs on the base weight's device, e.g. "auto->cpu"."""
+        asked = requested_backend(self.backend) if self.backend != "auto" else None
+        try:
+            runs = resolve_backend(family, self.backend, self.base_layer.weight.device)
+        except (RuntimeError, ValueError) as exc:
+            return f"{asked or self.backend} (cannot run here: {exc})"
+        return f"{asked or 'auto'}->{runs}"
 
     @property
     def in_features(self) -> int:

@@ -100,7 +100,11 @@ def check_loss_options(where: str, *, reduction, label_smoothing, z_loss, softca
         raise ValueError(f"{where}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     check_probability(where, "label_smoothing", label_smoothing, high_inclusive=True)
     check_non_negative(where, "z_loss", z_loss)
-    check_non_negative(where, "instruction_weight", instruction_weight)
+    if isinstance(instruction_weight, bool) or not (isinstance(instruction_weight, numbers.Real)
+                                                    and 0.0 <= instruction_weight <= 1.0):
+        raise ValueError(f"{where}: instruction_weight must be a number in [0, 1] (0: prompt tokens masked, 1: "
+                         f"weighted like the answer), got {instruction_weight!r}; for other per-token weights "
+                         f"pass token_weights")
     if softcap is not None and (not isinstance(softcap, numbers.Real) or not math.isfinite(softcap) or softcap <= 0):
         raise ValueError(f"{where}: softcap must be None or a finite number > 0, got {softcap!r}")
     if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):

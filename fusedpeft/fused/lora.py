@@ -39,6 +39,9 @@ class LoRALinear(AdapterLinear):
         check_positive_int(where, "r", r)
         if not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
             raise ValueError(f"{where}: alpha must be a finite number, got {alpha!r}")
+        if alpha == 0:
+            raise ValueError(f"{where}: alpha=0 makes scaling = alpha / r zero: the adapter adds nothing and gets no "
+                             f"gradient; PEFT's lora_alpha is usually r or 2r")
         check_probability(where, "dropout", dropout)
         if init == "zeros":
             raise ValueError(f"{where}: init='zeros' is not allowed: with A and B both zero no gradient reaches "
@@ -77,4 +80,4 @@ class LoRALinear(AdapterLinear):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"scaling={self.scaling:g}, dropout={self.dropout}, merged={self.merged}, backend={self.backend}")
+                f"scaling={self.scaling:g}, dropout={self.dropout}, merged={self.merged}, backend={self.backend_repr('lora')}")

@@ -7,6 +7,8 @@ token_weights[t]; "mean" divides by sum_t w_t (or num_items_in_batch) and is 0.0
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -28,6 +30,10 @@ from fusedpeft.ops.cross_entropy import linear_cross_entropy as linear_cross_ent
 def _check_weighting(where, labels, instruction_mask, token_weights, options, normalize, sequence_ids) -> None:
     check_loss_options(where, **options)
     check_normalize(where, normalize, sequence_ids, labels)
+    if instruction_mask is None and options["instruction_weight"] != 0.0:
+        warnings.warn(f"{where}: instruction_weight={options['instruction_weight']!r} has no effect without an "
+                      f"instruction_mask (True on prompt tokens); pass instruction_mask, e.g. from "
+                      f"fusedpeft.InstructionCollator", UserWarning, stacklevel=3)
     if instruction_mask is not None:
         check_row_tensor(where, "instruction_mask", instruction_mask, labels, weights=False)
     if token_weights is not None:

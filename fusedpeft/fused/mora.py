@@ -105,4 +105,4 @@ class MoRALinear(AdapterLinear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"r_hat={self.r_hat}, mora_type={self.mora_type}, dropout={self.dropout}, merged={self.merged}, "
-                f"backend={self.backend}")
+                f"backend={self.backend_repr('mora')}")

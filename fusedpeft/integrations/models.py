@@ -11,6 +11,8 @@ from torch import nn
 from fusedpeft.fused._adapter import AdapterLinear
 from fusedpeft.fused.lora import LoRALinear
 from fusedpeft.fused.mora import MoRALinear
+from fusedpeft.integrations.checkpoints import install_checkpointing
+from fusedpeft.integrations.peft_config import adapter_arguments, layer_keywords
 from fusedpeft.quantized import dense_linear, is_quantized
 
 # Attention and MLP projections of common HF decoder models, matched as the last component(s) of a
@@ -146,7 +148,9 @@ def _mark_adapters_for_transformers(model: nn.Module, adapted: bool) -> None:
 
 
 def unfreeze_adapters(model: nn.Module) -> None:
-    """requires_grad on every adapter parameter of the model's fused layers (never their base layer)."""
+    """requires_grad on every adapter parameter of the model's fused layers (never their base layer),
+    and a checkpoint-safe save_pretrained on a transformers model (integrations/checkpoints.py)."""
+    install_checkpointing(model)
     for module in model.modules():
         if isinstance(module, AdapterLinear):
             for pname, param in module.named_parameters():
@@ -163,7 +167,10 @@ def apply_lora(model: nn.Module, target_modules=None, r: int = 8, alpha: float =
         target_modules: None (DEFAULT_TARGET_MODULES: the attention and MLP projections of HF
             decoder models), a name, or a list of names; a module is a target when its qualified
             name equals a name or ends with "." + name ("q_proj", "self_attn.q_proj", ...).
-        r, alpha, dropout: rank, scaling numerator and adapter dropout p (SPEC §2).
+            A peft.LoraConfig here stands for target_modules, r, lora_alpha, lora_dropout,
+            use_rslora and init_lora_weights (options fusedpeft lacks, e.g. DoRA, raise ValueError).
+        r, alpha, dropout: rank, scaling numerator and adapter dropout p (SPEC §2); PEFT's names
+            lora_alpha / lora_dropout are accepted for alpha / dropout.
         **kw: passed to LoRALinear: use_rslora, init ("kaiming" / "gaussian"), backend.
     Returns the same model. Adapter weights lora_A [r, in] / lora_B [out, r] live on each base
     weight's device, in float32 next to a 16-bit base weight, else in the base dtype; they are
@@ -172,10 +179,16 @@ def apply_lora(model: nn.Module, target_modules=None, r: int = 8, alpha: float =
     already adapted; TypeError for bad target_modules, a PEFT layer, or a non-Linear module
     matching explicit target_modules (the default list skips those, e.g. GPT-2's Conv1D).
     """
-    def make(base: nn.Linear) -> LoRALinear:
-        return LoRALinear(base, r=r, alpha=alpha, dropout=dropout, **kw)
+    where = "fusedpeft.apply_lora"
+    named = dict(target_modules=None, r=8, alpha=8.0, dropout=0.0)
+    args = adapter_arguments(where, dict(target_modules=target_modules, r=r, alpha=alpha, dropout=dropout),
+                             named, kw, layer_keywords(LoRALinear, named))
+    target_modules = args.pop("target_modules")
 
-    return _swap_in("fusedpeft.apply_lora", model, target_modules, make)
+    def make(base: nn.Linear) -> LoRALinear:
+        return LoRALinear(base, **args)
+
+    return _swap_in(where, model, target_modules, make)
 
 
 def apply_mora(model: nn.Module, target_modules=None, r: int = 8, mora_type: int = 6, dropout: float = 0.0,
@@ -188,10 +201,16 @@ def apply_mora(model: nn.Module, target_modules=None, r: int = 8, mora_type: int
     16-bit base weight). A layer for which r gives an invalid r_hat raises ValueError naming it,
     before any layer is swapped.
     """
-    def make(base: nn.Linear) -> MoRALinear:
-        return MoRALinear(base, r=r, mora_type=mora_type, dropout=dropout, **kw)
+    where = "fusedpeft.apply_mora"
+    named = dict(target_modules=None, r=8, mora_type=6, dropout=0.0)
+    args = adapter_arguments(where, dict(target_modules=target_modules, r=r, mora_type=mora_type, dropout=dropout),
+                             named, kw, layer_keywords(MoRALinear, named))
+    target_modules = args.pop("target_modules")
 
-    return _swap_in("fusedpeft.apply_mora", model, target_modules, make)
+    def make(base: nn.Linear) -> MoRALinear:
+        return MoRALinear(base, **args)
+
+    return _swap_in(where, model, target_modules, make)
 
 
 @torch.no_grad()

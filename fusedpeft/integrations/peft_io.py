@@ -29,6 +29,7 @@ from fusedpeft.fused._adapter import AdapterLinear
 from fusedpeft.fused._checks import FLOAT_DTYPES
 from fusedpeft.fused.lora import LoRALinear
 from fusedpeft.fused.mora import MoRALinear, _checked_r_hat
+from fusedpeft.integrations.checkpoints import install_checkpointing
 from fusedpeft.integrations.models import _replace_everywhere, _set_submodule, unfreeze_adapters
 from fusedpeft.quantized import is_quantized
 from fusedpeft.reference import MORA_TYPES, lora_scaling
@@ -135,6 +136,7 @@ def from_peft(peft_model) -> nn.Module:
     if leftovers:
         raise TypeError(f"{where}: after conversion the model still holds PEFT modules {leftovers} (LoRA layers were "
                         f"converted, these were not)")
+    install_checkpointing(inner)
     return inner
 
 
@@ -401,6 +403,20 @@ def _plan_mora(where, name, module, pair, config):
     return MoRALinear(module, r=r, mora_type=mora_type, dropout=config["lora_dropout"]), mora_type, None
 
 
+def _warn_unloaded_targets(where: str, model: nn.Module, groups: dict, config: dict) -> None:
+    """Warn about Linear layers of the model named like the file's targets (same last name, e.g.
+    q_proj) that get no weights: a 2-layer adapter loaded into a 3-layer model adapts 2 of them."""
+    if config.get("layers_to_transform") is not None:
+        return
+    leaves = {name.rpartition(".")[2] for name in groups}
+    missing = [n for n, m in model.named_modules() if n not in groups and n.rpartition(".")[2] in leaves
+               and isinstance(m, (nn.Linear, AdapterLinear)) and not n.endswith(".base_layer")]
+    if missing:
+        warnings.warn(f"{where}: partial load: {len(missing)} layer(s) of the model named like the adapter's "
+                      f"targets get no weights and stay unadapted: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+                      f" (the file adapts {len(groups)}); was it saved from a different architecture?", stacklevel=3)
+
+
 @torch.no_grad()
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load an adapter directory (save_adapter's or PEFT's save_pretrained's) into ``model``; returns it.
@@ -416,7 +432,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     lora_dropout in [0, 1), mora_type in 1-4, 6), keys (each names a target nn.Linear or adapter
     layer, never a module inside an adapter), tensors (at least one; non-empty 2-D float), shapes,
     and adapter layers of the model left without weights. Errors are ValueError naming the
-    field or key and the file.
+    field or key and the file. Linear layers named like the file's targets that get no weights
+    (a partial load) are named in a UserWarning.
     """
     where = f"fusedpeft.load_adapter({os.fspath(path)!r})"
     raw, tensors, config_file, weights_file = _read(where, path)
@@ -424,6 +441,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     use_mora = config["use_mora"]
     groups = _group(where, weights_file, tensors, use_mora)
     model = _unwrap(model)
+    _warn_unloaded_targets(where, model, groups, raw)
     want = MoRALinear if use_mora else LoRALinear
     existing = {n for n, m in model.named_modules() if isinstance(m, AdapterLinear)}
     if existing - set(groups):
