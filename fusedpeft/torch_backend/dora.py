@@ -41,8 +41,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# Rows of an [*, F] operand per block of the row-blocked passes: ~2 MiB of fp32 per temporary.
-_BLOCK_ELEMENTS = 1 << 19
+# Rows of an [*, F] operand per block of the row-blocked passes: ~4 MiB of fp32 per temporary.
+_BLOCK_ELEMENTS = 1 << 20
 
 
 def _blocks(n_rows: int, n_cols: int):
@@ -156,23 +156,33 @@ def grad_B_from(sdyS, lora_B, g) -> torch.Tensor:
 
 def backward_no_dropout(dy, x, weight, bias, lora_A, lora_B, g, out, S, dS, scaling: float, need_x: bool,
                         need_A: bool, need_g: bool):
-    """The p = 0 rest of the backward given dS: (grad_x, grad_A, grad_g). One row-blocked pass
-    reads dY once for dX = (dY * g) W + dS A and for colsum(dY * (Y - bias))."""
+    """The p = 0 rest of the backward given dS: (grad_x, grad_A, grad_g).
+
+    Row block by row block, through one reused scratch block: dX = (dY * g) W + dS A, and
+    colsum(dY * Y); then num = colsum(dY * (Y - bias)) = colsum(dY * Y) - bias * colsum(dY). Few,
+    large blocks: every elementwise op is one parallel region, and on a busy CPU each region can
+    cost a scheduler time slice; fresh large allocations cost page faults, hence the reuse."""
     grad_A = (dS.t() @ x).to(lora_A.dtype) if need_A else None
     grad_x = torch.empty_like(x) if need_x else None
     acc = acc_dtype(x.dtype)
     num = torch.zeros(dy.shape[1], dtype=acc, device=dy.device) if need_g else None
     A = lora_A.to(x.dtype)
     gx = g.to(x.dtype)
+    step = max(1, _BLOCK_ELEMENTS // max(1, dy.shape[1]))
+    scratch = dy.new_empty(min(step, dy.shape[0]), dy.shape[1])
     for rows in _blocks(*dy.shape):
-        dyb = dy[rows]
-        if need_g:
-            shifted = out[rows].to(acc) if bias is None else out[rows].to(acc) - bias.to(acc)
-            num += (dyb.to(acc) * shifted).sum(0)
+        dyb, buf = dy[rows], scratch[: rows.stop - rows.start]
         if need_x:
-            torch.addmm(dS[rows] @ A, dyb * gx, weight, out=grad_x[rows])
+            torch.mm(torch.mul(dyb, gx, out=buf), weight, out=grad_x[rows]).addmm_(dS[rows], A)
+        if need_g:
+            if acc == dy.dtype:
+                num += torch.mul(dyb, out[rows], out=buf).sum(0)
+            else:  # 16-bit: products and sums in fp32
+                num += (dyb.to(acc) * out[rows].to(acc)).sum(0)
     grad_g = None
     if need_g:
+        if bias is not None:
+            num -= bias.to(acc) * dy.sum(0, dtype=acc)
         grad_g = magnitude_grad_from_sums(num, dy, x, weight, lora_B, g, S, scaling).to(g.dtype)
     return grad_x, grad_A, grad_g
 
