@@ -42,6 +42,7 @@ IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("lora", "torch"): "fusedpeft.torch_backend.lora",
     ("mora", "torch"): "fusedpeft.torch_backend.mora",
     ("cross_entropy", "torch"): "fusedpeft.torch_backend.cross_entropy",
+    ("dora", "triton"): "fusedpeft.kernels.dora",
     ("dora", "cpu"): "fusedpeft.cpp_backend.dora",
     ("dora", "torch"): "fusedpeft.torch_backend.dora",
 }
