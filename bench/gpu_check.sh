@@ -137,7 +137,7 @@ benchmarks() {
 check_outputs() {
     local missing=() f
     for f in env.txt build.log pytest_gpu.log pytest_gpu.xml pytest_gpu_cuda.log bench.log bench_all.json \
-             bench_lora.png bench_lora_grouped.png bench_mora.png bench_ce.png; do
+             bench_lora.png bench_dora.png bench_lora_grouped.png bench_mora.png bench_ce.png; do
         [[ -s "$OUT/$f" ]] || missing+=("$f")
     done
     if (( ${#missing[@]} )); then
