@@ -92,9 +92,10 @@ def weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     A = lora_A.detach().to(acc)
     B = lora_B.detach().to(acc)
     sq = weight_sq_norm(weight) if weight_sq is None else weight_sq.to(acc)
-    cross = (B * _weight_times_At(weight, A)).sum(1)
-    quad = (B @ (A @ A.t()) * B).sum(1)
-    return (sq + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min(0.0).sqrt()
+    # both r-wide terms from one [D, r] matrix T = W A^T + (s/2) B (A A^T): n^2 = ||W||^2 + 2s (B * T) . 1
+    # (three small GEMMs and [D, r]-sized elementwise ops: each parallel region costs on a busy CPU)
+    T = _weight_times_At(weight, A).addmm_(B, A @ A.t(), alpha=0.5 * scaling)
+    return (B * T).sum(1).mul_(2.0 * scaling).add_(sq).clamp_min_(0.0).sqrt_()
 
 
 # ------------------------------------------------------------------------------------------------
