@@ -331,3 +331,17 @@ def test_compiles_fullgraph():
     layer.dropout = 0.1
     y = torch.compile(layer, fullgraph=True)(x)
     y.sum().backward()
+
+
+def test_cpu_backend_needs_an_extension_with_the_dora_kernel(monkeypatch):
+    """An extension built from older sources (no dora_scale_backward) makes only the dora family's
+    cpu backend unavailable, with the reason; automatic choice then falls to torch."""
+    pytest.importorskip("fusedpeft._C")
+    from fusedpeft import backends
+    from fusedpeft.cpp_backend import dora as cpp_dora
+
+    real = torch._C._dispatch_has_kernel_for_dispatch_key
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key",
+                        lambda name, key: False if name.endswith("dora_scale_backward") else real(name, key))
+    assert "rebuild" in cpp_dora.unavailable_reason(torch.device("cpu"))
+    assert backends.unavailable_reason("cpu", "lora", torch.device("cpu")) is None

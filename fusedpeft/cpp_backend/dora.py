@@ -6,7 +6,8 @@ Forward:  p = 0: as the torch path (plain ATen GEMMs, one in-place pass y = g * 
           mask generated in the kernel, block by block; no dropped copy of x), then
           y = x W^T + bias + (g - 1) * V + g s S' B^T.
 Backward: dS = s dY (g B) and dY^T S from one blocked pass over dY (fusedpeft_C::lora_expand_backward,
-          with g B in place of B); p = 0: the torch path's row-blocked pass for dX and dg;
+          with g B in place of B); p = 0: dX = (dY * g) W + dS A and colsum(dY * Y) for dg from one
+          parallel pass over dY and Y (fusedpeft_C::dora_scale_backward, csrc/cpu/dora.cpp);
           p > 0: fusedpeft_C::lora_shrink_backward gives dropout'(dS A) with dA = dS^T dropout(x),
           and dropout'((dY * (g - 1)) W), both from the mask regenerated in the kernel; dX adds dY W.
 """
@@ -16,17 +17,27 @@ from __future__ import annotations
 import torch
 
 import fusedpeft._C  # noqa: F401  (registers torch.ops.fusedpeft_C)
-from fusedpeft.cpp_backend import seed_value, unavailable_reason  # noqa: F401  (read by fusedpeft.backends)
+from fusedpeft.cpp_backend import seed_value
+from fusedpeft.cpp_backend import unavailable_reason as _extension_unavailable
 from fusedpeft.torch_backend.dora import (
-    backward_no_dropout,
     dora_forward as _torch_forward,
     expand_grads,
     grad_B_from,
+    magnitude_grad_from_sums,
     magnitude_grad_with_dropout,
 )
 from fusedpeft.torch_backend.lora import expand_onto_base
 
 _ops = torch.ops.fusedpeft_C
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """As the extension's, plus: the extension must hold the DoRA kernel (built from this csrc/)."""
+    reason = _extension_unavailable(device)
+    if reason is None and device.type == "cpu" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "fusedpeft_C::dora_scale_backward", "CPU"):
+        return "fusedpeft._C has no dora_scale_backward kernel: it was built from older sources; rebuild it"
+    return reason
 
 
 def dora_forward(x, weight, bias, lora_A, lora_B, g, scaling: float, dropout_p: float, seed):
@@ -42,8 +53,8 @@ def dora_forward(x, weight, bias, lora_A, lora_B, g, scaling: float, dropout_p: 
 
 
 def _expand_grads(dy, S, lora_B, g, scaling: float, need_S: bool, need_sdyS: bool):
-    """(dS [N, r], s dY^T S [D, r]) as torch_backend.dora.expand_grads, from one pass over dY on CPU."""
-    if need_S and need_sdyS and dy.device.type == "cpu":
+    """(dS [N, r], s dY^T S [D, r]) as torch_backend.dora.expand_grads, from one pass over dY."""
+    if need_S and need_sdyS:
         dS, sdyS = _ops.lora_expand_backward(dy, S, lora_B * g[:, None], scaling)
         return dS.to(dy.dtype), sdyS
     return expand_grads(dy, S, lora_B, g, scaling, need_S, need_sdyS)
@@ -59,8 +70,16 @@ def dora_backward(grad_y, x, weight, bias, lora_A, lora_B, g, saved, S, scaling:
     dS, sdyS = _expand_grads(dy, S, lora_B, g, scaling, need_S, need_B or (need_g and dropout_p > 0.0))
     grad_B = grad_B_from(sdyS, lora_B, g) if need_B else None
     if dropout_p == 0.0:
-        grad_x, grad_A, grad_g = backward_no_dropout(dy, x, weight, bias, lora_A, lora_B, g, saved, S, dS, scaling,
-                                                     need_x, need_A, need_g)
+        grad_A = (dS.t() @ x).to(lora_A.dtype) if need_A else None
+        grad_x = grad_g = None
+        if need_x or need_g:
+            dS_arg = dS if dS is not None else S.new_zeros(S.shape)
+            grad_x, num = _ops.dora_scale_backward(dy, saved, g, weight, dS_arg, lora_A, need_x, need_g)
+            grad_x = grad_x if need_x else None
+            if need_g:
+                if bias is not None:
+                    num -= bias.to(num.dtype) * dy.sum(0, dtype=num.dtype)
+                grad_g = magnitude_grad_from_sums(num, dy, x, weight, lora_B, g, S, scaling).to(g.dtype)
         return grad_x, grad_A, grad_B, grad_g
     grad_g = magnitude_grad_with_dropout(dy, saved, lora_B, sdyS, g) if need_g else None
     grad_x = grad_A = None
