@@ -345,3 +345,4 @@ def test_cpu_backend_needs_an_extension_with_the_dora_kernel(monkeypatch):
                         lambda name, key: False if name.endswith("dora_scale_backward") else real(name, key))
     assert "rebuild" in cpp_dora.unavailable_reason(torch.device("cpu"))
     assert backends.unavailable_reason("cpu", "lora", torch.device("cpu")) is None
+    assert backends.resolve_backend("dora", None, torch.device("cpu")) == "torch"
