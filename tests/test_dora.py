@@ -271,6 +271,9 @@ def test_bad_input():
     layer = fp.LoRALinear(nn.Linear(4, 4), r=2, use_dora=True)
     with pytest.raises(ValueError, match="DoRA"):
         check_group([layer, fp.LoRALinear(nn.Linear(4, 4), r=2)])
+    bnb = pytest.importorskip("bitsandbytes")
+    with pytest.raises(TypeError, match=r"use_dora=True on a quantized base \(Linear8bitLt\)"):
+        fp.LoRALinear(bnb.nn.Linear8bitLt(8, 4, has_fp16_weights=False), r=2, use_dora=True)
 
 
 def test_apply_lora_use_dora():

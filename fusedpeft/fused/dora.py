@@ -14,11 +14,14 @@ from fusedpeft.reference import lora_delta_weight
 
 
 def check_dora_base(where: str, base) -> None:
-    """DoRA wraps a plain nn.Linear: embeddings, convolutions and GPT-2's Conv1D (fan_in_fan_out,
-    a transposed weight) get a TypeError naming what they are."""
+    """DoRA wraps a plain nn.Linear: embeddings, convolutions, GPT-2's Conv1D (fan_in_fan_out, a
+    transposed weight) and bitsandbytes' quantized layers get a TypeError naming what they are."""
+    kind = type(base).__name__
+    if type(base).__module__.startswith("bitsandbytes"):
+        raise TypeError(f"{where}: use_dora=True on a quantized base ({kind}) is not implemented yet; use a "
+                        f"16/32-bit torch.nn.Linear base")
     if isinstance(base, nn.Linear):
         return
-    kind = type(base).__name__
     if isinstance(base, nn.Embedding):
         what = "an embedding (PEFT's DoRA on embeddings is not implemented by fusedpeft)"
     elif isinstance(base, nn.modules.conv._ConvNd):
