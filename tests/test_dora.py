@@ -337,7 +337,7 @@ def test_compiles_fullgraph():
 
 
 def test_cpu_backend_needs_an_extension_with_the_dora_kernel(monkeypatch):
-    """An extension built from older sources (no dora_scale_backward) makes only the dora family's
+    """An extension built from older sources (no dora_backward_p0) makes only the dora family's
     cpu backend unavailable, with the reason; automatic choice then falls to torch."""
     pytest.importorskip("fusedpeft._C")
     from fusedpeft import backends
@@ -345,7 +345,7 @@ def test_cpu_backend_needs_an_extension_with_the_dora_kernel(monkeypatch):
 
     real = torch._C._dispatch_has_kernel_for_dispatch_key
     monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key",
-                        lambda name, key: False if name.endswith("dora_scale_backward") else real(name, key))
+                        lambda name, key: False if name.endswith("dora_backward_p0") else real(name, key))
     assert "rebuild" in cpp_dora.unavailable_reason(torch.device("cpu"))
     assert backends.unavailable_reason("cpu", "lora", torch.device("cpu")) is None
     assert backends.resolve_backend("dora", None, torch.device("cpu")) == "torch"

@@ -5,9 +5,10 @@ Forward:  p = 0: as the torch path (plain ATen GEMMs, one in-place pass y = g * 
           p > 0: S' = dropout(x) A^T and V = dropout(x) W^T by fusedpeft_C::lora_shrink (the
           mask generated in the kernel, block by block; no dropped copy of x), then
           y = x W^T + bias + (g - 1) * V + g s S' B^T.
-Backward: dS = s dY (g B) and dY^T S from one blocked pass over dY (fusedpeft_C::lora_expand_backward,
-          with g B in place of B); p = 0: dX = (dY * g) W + dS A and colsum(dY * Y) for dg from one
-          parallel pass over dY and Y (fusedpeft_C::dora_scale_backward, csrc/cpu/dora.cpp);
+Backward: p = 0: everything (dX, dA, dB and colsum(dY * Y) for dg) from one parallel pass over dY
+          and Y, row blocks at a time (fusedpeft_C::dora_backward_p0, csrc/cpu/dora.cpp);
+          p > 0: dS = s dY (g B) and s dY^T S from one blocked pass over dY
+          (fusedpeft_C::lora_expand_backward, with g B in place of B);
           p > 0: fusedpeft_C::lora_shrink_backward gives dropout'(dS A) with dA = dS^T dropout(x),
           and dropout'((dY * (g - 1)) W), both from the mask regenerated in the kernel; dX adds dY W.
 """
@@ -35,8 +36,8 @@ def unavailable_reason(device: torch.device) -> str | None:
     """As the extension's, plus: the extension must hold the DoRA kernel (built from this csrc/)."""
     reason = _extension_unavailable(device)
     if reason is None and device.type == "cpu" and not torch._C._dispatch_has_kernel_for_dispatch_key(
-            "fusedpeft_C::dora_scale_backward", "CPU"):
-        return "fusedpeft._C has no dora_scale_backward kernel: it was built from older sources; rebuild it"
+            "fusedpeft_C::dora_backward_p0", "CPU"):
+        return "fusedpeft._C has no dora_backward_p0 kernel: it was built from older sources; rebuild it"
     return reason
 
 
@@ -67,20 +68,18 @@ def dora_backward(grad_y, x, weight, bias, lora_A, lora_B, g, saved, S, scaling:
     saved: the output Y [N, D] when dropout_p == 0, V = x' W^T [N, D] otherwise."""
     dy = grad_y.to(x.dtype)
     need_S = need_x or need_A
-    dS, sdyS = _expand_grads(dy, S, lora_B, g, scaling, need_S, need_B or (need_g and dropout_p > 0.0))
-    grad_B = grad_B_from(sdyS, lora_B, g) if need_B else None
     if dropout_p == 0.0:
-        grad_A = (dS.t() @ x).to(lora_A.dtype) if need_A else None
-        grad_x = grad_g = None
-        if need_x or need_g:
-            dS_arg = dS if dS is not None else S.new_zeros(S.shape)
-            grad_x, num = _ops.dora_scale_backward(dy, saved, g, weight, dS_arg, lora_A, need_x, need_g)
-            grad_x = grad_x if need_x else None
-            if need_g:
-                if bias is not None:
-                    num -= bias.to(num.dtype) * dy.sum(0, dtype=num.dtype)
-                grad_g = magnitude_grad_from_sums(num, dy, x, weight, lora_B, g, S, scaling).to(g.dtype)
-        return grad_x, grad_A, grad_B, grad_g
+        grad_x, grad_A, grad_B, num = _ops.dora_backward_p0(dy, saved, x, weight, S, lora_A, lora_B, g, scaling,
+                                                            need_x, need_A, need_B, need_g)
+        grad_g = None
+        if need_g:
+            if bias is not None:
+                num -= bias.to(num.dtype) * dy.sum(0, dtype=num.dtype)
+            grad_g = magnitude_grad_from_sums(num, dy, x, weight, lora_B, g, S, scaling).to(g.dtype)
+        return (grad_x if need_x else None, grad_A.to(lora_A.dtype) if need_A else None,
+                grad_B.to(lora_B.dtype) if need_B else None, grad_g)
+    dS, sdyS = _expand_grads(dy, S, lora_B, g, scaling, need_S, need_B or need_g)
+    grad_B = grad_B_from(sdyS, lora_B, g) if need_B else None
     grad_g = magnitude_grad_with_dropout(dy, saved, lora_B, sdyS, g) if need_g else None
     grad_x = grad_A = None
     seed_int = seed_value(seed, dropout_p)
