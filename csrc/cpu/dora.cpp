@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward_p0(
   auto P = need_B ? at::zeros({r, D}, acc_opts) : grad_y.new_empty({0});  // S^T dY
   auto colsum = need_g ? at::zeros({D}, acc_opts) : grad_y.new_empty({0});
   if (rows > 0 && D > 0 && (need_S || need_B || need_g)) {
-    const int64_t step = std::max<int64_t>(16, (1 << 17) / std::max<int64_t>(1, std::max(D, K)));
+    const int64_t step = std::max<int64_t>(16, (1 << 19) / std::max<int64_t>(1, std::max(D, K)));
     const int64_t n_blocks = (rows + step - 1) / step;
     struct Partial {
       at::Tensor colsum, P, dA;
