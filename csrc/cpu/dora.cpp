@@ -1,6 +1,6 @@
 // DoRA's backward without dropout on CPU (SPEC §8), from ONE parallel pass over dY and the saved
 // output Y, blocks of rows at a time (g = m / n, s = scaling):
-//   dYg = dY * g                     per-task scratch, cache-sized, never [N, D]
+//   dYg = dY * g                     per-task scratch of ~512K elements, never [N, D]
 //   colsum[j] += dY[t, j] Y[t, j]    the magnitude's gradient numerator (compute dtype)
 //   dS = s dYg B                     [nb, r], while dYg is in cache
 //   dX = dYg W + dS A                one single-threaded ATen GEMM per block, plus the rank-r update
