@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
 
 import torch
 
-from bench import ce, lora, lora_grouped, mora, qlora
+from bench import ce, dora, lora, lora_grouped, mora, qlora
 from bench.common import Settings, run_case
 from bench.memory import validate_cpu_method
 from bench.plot import plot_results
@@ -35,8 +35,8 @@ from bench.providers import INTERPRETED_TRITON
 from bench.timing import Progress
 
 REPO = Path(__file__).resolve().parent.parent
-SUITES = {"lora": lora.cases, "lora_grouped": lora_grouped.cases, "mora": mora.cases, "ce": ce.cases,
-          "qlora": qlora.cases}
+SUITES = {"lora": lora.cases, "dora": dora.cases, "lora_grouped": lora_grouped.cases, "mora": mora.cases,
+          "ce": ce.cases, "qlora": qlora.cases}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 

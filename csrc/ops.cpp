@@ -39,6 +39,14 @@ TORCH_LIBRARY(fusedpeft_C, m) {
   // CPU only: grad_y [N, D], S [N, r], lora_B [D, r] -> (grad_S = scaling grad_y @ lora_B [N, r],
   // grad_B = scaling grad_y^T @ S [D, r]), both compute dtype, from one pass over grad_y.
   m.def("lora_expand_backward(Tensor grad_y, Tensor S, Tensor lora_B, float scaling) -> (Tensor, Tensor)");
+  // CPU only (csrc/cpu/dora.cpp): DoRA's backward without dropout from one pass over grad_y and out
+  // (the layer's output, [N, D]); x [N, K], weight [D, K], S [N, r], lora_A [r, K], lora_B [D, r], g [D]
+  // -> (grad_x = (grad_y * g) @ weight + grad_S @ lora_A [N, K] in grad_y's dtype, grad_A = grad_S^T @ x,
+  // grad_B = scaling g * grad_y^T @ S, colsum = sum over rows of grad_y * out [D]; compute dtype),
+  // grad_S = scaling (grad_y * g) @ lora_B. Unneeded outputs are empty.
+  m.def("dora_backward_p0(Tensor grad_y, Tensor out, Tensor x, Tensor weight, Tensor S, Tensor lora_A, "
+        "Tensor lora_B, Tensor g, float scaling, bool need_x, bool need_A, bool need_B, bool need_g) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
   // CPU only, type 6 without dropout (csrc/cpu/mora_rope.cpp): weight [D, K] + ΔW(M) in weight's
   // dtype, and dM [R, R] (compute dtype) from x [N, K] and grad_y [N, D]; cos, sin [n, R] fp32.
   m.def("mora_rope_merge(Tensor weight, Tensor M, int r_hat, Tensor cos, Tensor sin) -> Tensor");

@@ -1,6 +1,6 @@
 """Which backends exist, which can run here, and why not.
 
-Every op family (lora, mora, cross_entropy) has up to four implementations behind one schema:
+Every op family (lora, mora, cross_entropy, dora) has up to four implementations behind one schema:
 
 - ``triton``: Triton kernels (``fusedpeft/kernels/``), CUDA tensors (CPU tensors only under
   ``TRITON_INTERPRET=1``, for tests);
@@ -24,7 +24,7 @@ import os
 import torch
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
-FAMILIES = ("lora", "mora", "cross_entropy")
+FAMILIES = ("lora", "mora", "cross_entropy", "dora")
 
 # (family, backend) -> module that implements it. A module may define
 # ``unavailable_reason(device) -> str | None`` for limits of its own (e.g. kernels not compiled
@@ -42,6 +42,9 @@ IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("lora", "torch"): "fusedpeft.torch_backend.lora",
     ("mora", "torch"): "fusedpeft.torch_backend.mora",
     ("cross_entropy", "torch"): "fusedpeft.torch_backend.cross_entropy",
+    ("dora", "triton"): "fusedpeft.kernels.dora",
+    ("dora", "cpu"): "fusedpeft.cpp_backend.dora",
+    ("dora", "torch"): "fusedpeft.torch_backend.dora",
 }
 
 # (family, "cuda") pairs whose gpu tests have passed on a real GPU: the "cuda" backend is

@@ -133,6 +133,44 @@ def lora_delta_weight(lora_A, lora_B, scaling):
 
 
 # --------------------------------------------------------------------------------------------
+# SPEC §8: DoRA (PEFT's use_dora=True)
+# --------------------------------------------------------------------------------------------
+
+
+def dora_weight_norm(weight, lora_A, lora_B, scaling):
+    """n [D] = ||W_i + scaling * (B @ A)_i||_2 per output row, directly from the [D, K] matrix, in
+    fp32 (fp64 for fp64 inputs). weight [D, K]; lora_A [r, K]; lora_B [D, r]. Gradient-free."""
+    w = _wide(weight.detach())
+    return torch.linalg.vector_norm(w + lora_delta_weight(lora_A.detach(), lora_B.detach(), scaling).to(w.dtype),
+                                    dim=1)
+
+
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, seed=None):
+    """y = base(x) + (m/n - 1) * (x' @ W^T) + (m/n) * scaling * x' @ A^T @ B^T, x' = dropout(x), n
+    detached; computed in fp32 (fp64 for fp64 x), cast to x.dtype.
+
+    x [..., K]; weight [D, K]; bias [D] or None; lora_A [r, K]; lora_B [D, r]; magnitude [D] -> [..., D].
+    """
+    xf = _wide(x)
+    g = _wide(magnitude) / dora_weight_norm(weight, lora_A, lora_B, scaling).to(xf.dtype)
+    w = weight.to(xf.dtype)
+    y = xf @ w.t()
+    if bias is not None:
+        y = y + bias.to(xf.dtype)
+    x_dropped = dropout(xf, dropout_p, seed)
+    lora = (x_dropped @ lora_A.to(xf.dtype).t()) @ lora_B.to(xf.dtype).t()
+    y = y + (g - 1) * (x_dropped @ w.t()) + g * scaling * lora
+    return y.to(x.dtype)
+
+
+def dora_merged_weight(weight, lora_A, lora_B, magnitude, scaling):
+    """W' = (m/n)[:, None] * (W + scaling * B @ A) [D, K], in fp32 (fp64 for fp64 inputs)."""
+    w = _wide(weight.detach())
+    g = _wide(magnitude.detach()) / dora_weight_norm(weight, lora_A, lora_B, scaling).to(w.dtype)
+    return g[:, None] * (w + lora_delta_weight(lora_A.detach(), lora_B.detach(), scaling).to(w.dtype))
+
+
+# --------------------------------------------------------------------------------------------
 # SPEC §3: MoRA
 # --------------------------------------------------------------------------------------------
 

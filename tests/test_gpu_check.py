@@ -14,7 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 PROMISED = ["env.txt", "build.log", "pytest_gpu.log", "pytest_gpu.xml", "pytest_gpu_cuda.log", "bench.log",
-            "bench_all.json", "bench_lora.png", "bench_lora_grouped.png", "bench_mora.png", "bench_ce.png", "bench_qlora.png",
+            "bench_all.json", "bench_lora.png", "bench_dora.png", "bench_lora_grouped.png", "bench_mora.png",
+            "bench_ce.png", "bench_qlora.png",
             "summary.txt"]
 
 
@@ -36,7 +37,7 @@ def test_dry_run_walks_every_stage_and_leaves_every_output(tmp_path):
     tests_log = (tmp_path / "pytest_gpu.log").read_text()
     assert " passed" in tests_log and "failed" not in tests_log
     report = json.loads((tmp_path / "bench_all.json").read_text())
-    assert {c["suite"] for c in report["cases"]} == {"lora", "lora_grouped", "mora", "ce", "qlora"}
+    assert {c["suite"] for c in report["cases"]} == {"lora", "dora", "lora_grouped", "mora", "ce", "qlora"}
     assert not report["failures"]
     ran = {r["impl"] for c in report["cases"] for r in c["results"] if "fwd_ms" in r or "fwd_bwd_ms" in r}
     assert any("[triton]" in name for name in ran), "the triton providers were not walked"

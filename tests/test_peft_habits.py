@@ -56,7 +56,6 @@ def test_a_peft_lora_config_configures_apply_lora_like_peft():
 
 
 @pytest.mark.parametrize("config, match", [
-    (dict(use_dora=True), "use_dora=True, which fusedpeft does not implement"),
     (dict(bias="all"), "bias='all'"),
     (dict(target_modules="q_proj|v_proj"), "is a string"),
     (dict(init_lora_weights="pissa"), "init_lora_weights='pissa'"),
@@ -69,6 +68,12 @@ def test_lora_config_options_we_lack_are_errors(config, match):
     with pytest.raises(ValueError, match=match):
         fp.apply_lora(model, config)
     assert not _lora_layers(model) and before == {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def test_a_lora_config_with_use_dora_gives_dora_layers():
+    model = fp.apply_lora(_llama(), peft.LoraConfig(target_modules=["q_proj"], r=4, use_dora=True))
+    layers = _lora_layers(model)
+    assert layers and all(layer.use_dora for layer in layers.values())
 
 
 def test_keywords_next_to_a_config_and_unknown_keywords_are_clear_type_errors():

@@ -122,7 +122,6 @@ def test_from_peft_keeps_a_merged_adapter_merged():
 
 
 @pytest.mark.parametrize("case,error,match", [
-    ("dora", ValueError, "use_dora"),
     ("two_adapters", ValueError, "exactly one"),
     ("embedding", TypeError, "Embedding"),
     ("modules_to_save", ValueError, "modules_to_save"),
@@ -135,8 +134,7 @@ def test_from_peft_rejects(case, error, match):
         target = get_peft_model(tiny(), LoraConfig(r=2, target_modules=["q_proj"]))
         target.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"]))
     else:
-        kw = {"dora": dict(target_modules=["q_proj"], use_dora=True),
-              "embedding": dict(target_modules=["q_proj", "embed_tokens"]),
+        kw = {"embedding": dict(target_modules=["q_proj", "embed_tokens"]),
               "modules_to_save": dict(target_modules=["q_proj"], modules_to_save=["lm_head"])}[case]
         target = get_peft_model(tiny(), LoraConfig(r=2, **kw))
     with pytest.raises(error, match=match):

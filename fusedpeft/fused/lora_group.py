@@ -25,6 +25,9 @@ def check_group(layers) -> None:
     for i, layer in enumerate(layers):
         if not isinstance(layer, LoRALinear):
             raise TypeError(f"{_WHERE}: layers[{i}] must be a fusedpeft.LoRALinear, got {type(layer).__name__}")
+        if getattr(layer, "use_dora", False):
+            raise ValueError(f"{_WHERE}: layers[{i}] uses DoRA, which the grouped LoRA op does not implement; "
+                             f"call DoRA layers on their own")
         if layer.merged:
             raise ValueError(f"{_WHERE}: layers[{i}] is merged; a merged layer has no adapter path to group "
                              f"(unmerge() it, or call it on its own)")

@@ -168,10 +168,11 @@ def apply_lora(model: nn.Module, target_modules=None, r: int = 8, alpha: float =
             decoder models), a name, or a list of names; a module is a target when its qualified
             name equals a name or ends with "." + name ("q_proj", "self_attn.q_proj", ...).
             A peft.LoraConfig here stands for target_modules, r, lora_alpha, lora_dropout,
-            use_rslora and init_lora_weights (options fusedpeft lacks, e.g. DoRA, raise ValueError).
+            use_rslora, use_dora and init_lora_weights (options fusedpeft lacks raise ValueError).
         r, alpha, dropout: rank, scaling numerator and adapter dropout p (SPEC §2); PEFT's names
             lora_alpha / lora_dropout are accepted for alpha / dropout.
-        **kw: passed to LoRALinear: use_rslora, init ("kaiming" / "gaussian"), backend.
+        **kw: passed to LoRALinear: use_rslora, init ("kaiming" / "gaussian"), backend, use_dora
+            (DoRA: adds a trainable magnitude lora_magnitude_vector [out] per layer).
     Returns the same model. Adapter weights lora_A [r, in] / lora_B [out, r] live on each base
     weight's device, in float32 next to a 16-bit base weight, else in the base dtype; they are
     the only parameters left with requires_grad=True.

@@ -9,7 +9,7 @@ import inspect
 ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
 _INITS = {True: "kaiming", "gaussian": "gaussian"}
 # LoraConfig fields fusedpeft does not implement, with the value that means "off".
-_UNSUPPORTED = {"use_dora": False, "bias": "none", "fan_in_fan_out": False, "lora_bias": False,
+_UNSUPPORTED = {"bias": "none", "fan_in_fan_out": False, "lora_bias": False,
                 "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
                 "exclude_modules": None, "target_parameters": None}
 
@@ -21,8 +21,8 @@ def is_peft_config(value) -> bool:
 
 def from_lora_config(where: str, config) -> dict:
     """apply_lora's keywords from a peft.LoraConfig: target_modules, r, alpha, dropout, use_rslora,
-    init. Raises TypeError for another PEFT method, ValueError for options fusedpeft does not
-    implement (DoRA, bias, fan_in_fan_out, modules_to_save, per-layer patterns, a regex string)."""
+    use_dora, init. Raises TypeError for another PEFT method, ValueError for options fusedpeft does
+    not implement (bias, fan_in_fan_out, modules_to_save, per-layer patterns, a regex string)."""
     peft_type = str(getattr(config.peft_type, "value", config.peft_type))
     if peft_type != "LORA":
         raise TypeError(f"{where}: got a PEFT config of peft_type {peft_type!r}; only a peft.LoraConfig is accepted")
@@ -41,7 +41,7 @@ def from_lora_config(where: str, config) -> dict:
                          f"(kaiming A, zero B) and 'gaussian'")
     return {"target_modules": sorted(targets) if targets is not None else None, "r": config.r,
             "alpha": config.lora_alpha, "dropout": config.lora_dropout, "use_rslora": bool(config.use_rslora),
-            "init": _INITS[init]}
+            "use_dora": bool(getattr(config, "use_dora", False)), "init": _INITS[init]}
 
 
 def layer_keywords(layer_class, named: dict) -> tuple[str, ...]:
@@ -65,7 +65,7 @@ def adapter_arguments(where: str, given: dict, defaults: dict, kw: dict, allowed
         if "alpha" not in defaults:
             raise TypeError(f"{where}: a peft config can only be given to apply_lora")
         extra = sorted({k for k in given if k != "target_modules" and given[k] != defaults[k]}
-                       | (set(kw) & (set(ALIASES) | {"use_rslora", "init"})))
+                       | (set(kw) & (set(ALIASES) | {"use_rslora", "use_dora", "init"})))
         if extra:
             raise TypeError(f"{where}: pass either a peft.LoraConfig or LoRA keywords, not both; got {extra} next "
                             f"to the config")

@@ -8,6 +8,7 @@ On disk (a directory):
                                the MoRA reference's PEFT fork, where r is the LoRA rank and each layer's
                                r_hat follows from its shape).
   adapter_model.safetensors    base_model.model.<module>.lora_A.weight [r, in] and .lora_B.weight [out, r];
+                               DoRA ("use_dora": true) adds base_model.model.<module>.lora_magnitude_vector [out];
                                for MoRA only .lora_A.weight = M [r_hat, r_hat] (the fork aliases lora_B to
                                M, so a fork file's lora_B copy is accepted when it equals lora_A).
 """
@@ -38,7 +39,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME_BIN = "adapter_model.bin"
 PREFIX = "base_model.model."
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$")
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?:(?P<which>lora_A|lora_B)\.weight|"
+                  r"(?P<magnitude>lora_magnitude_vector))$")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -56,6 +58,19 @@ def _pattern_value(pattern: dict, name: str, default):
     return default
 
 
+def _peft_dora_scale(module, adapter: str):
+    """None for a plain LoRA layer; for a DoRA layer m / n of PEFT's merge when merged (PEFT caches n
+    at merge time), False when merged without that cache, else True."""
+    if not (module.use_dora.get(adapter) or adapter in module.lora_magnitude_vector):
+        return None
+    if not module.merged:
+        return True
+    norm = getattr(module, "_caches", {}).get(f"{adapter}-weight_norm")
+    if norm is None:
+        return False
+    return module.lora_magnitude_vector[adapter].weight.detach() / norm
+
+
 # --------------------------------------------------------------------------------------------
 # from_peft
 # --------------------------------------------------------------------------------------------
@@ -67,12 +82,13 @@ def from_peft(peft_model) -> nn.Module:
     Args:
         peft_model: a peft.PeftModel or peft.tuners.lora.LoraModel with exactly one LoRA adapter,
             whose LoRA layers wrap plain nn.Linear layers or bitsandbytes Linear4bit / Linear8bitLt
-            (PEFT's QLoRA layers) (no DoRA, no lora_bias, no
+            (PEFT's QLoRA layers) (DoRA included, on plain nn.Linear bases; no lora_bias, no
             modules_to_save, no Embedding / Conv / quantized / Conv1D (fan_in_fan_out) layers).
     Returns the underlying transformers (or other) model, modified in place: each PEFT LoRA layer
     is replaced by a LoRALinear whose base_layer, lora_A and lora_B are PEFT's own modules (the
     same Parameters: base weight [out, in], lora_A.weight [r, in], lora_B.weight [out, r]), with
-    PEFT's scaling (alpha/r or rsLoRA, rank/alpha patterns included), dropout p and merged state.
+    PEFT's scaling (alpha/r or rsLoRA, rank/alpha patterns included), dropout p and merged state;
+    a DoRA layer becomes LoRALinear(use_dora=True) sharing PEFT's magnitude Parameter [out].
     requires_grad flags are kept. The PEFT wrapper must not be used afterwards. With dropout 0
     outputs and gradients equal PEFT's; with p > 0 the mask comes from SPEC §5's Philox stream
     instead of torch's dropout RNG.
@@ -92,7 +108,7 @@ def from_peft(peft_model) -> nn.Module:
         raise ValueError(f"{where}: the PEFT model holds adapters {sorted(lora_model.peft_config)}, but exactly one is "
                          f"supported; delete the others with peft_model.delete_adapter(name)")
     (adapter, config), = lora_model.peft_config.items()
-    for option, bad in (("use_dora", True), ("lora_bias", True), ("fan_in_fan_out", True)):
+    for option, bad in (("lora_bias", True), ("fan_in_fan_out", True)):
         if getattr(config, option, False) == bad:
             raise ValueError(f"{where}: adapter {adapter!r} has {option}=True, which LoRALinear does not implement")
     if getattr(config, "modules_to_save", None):
@@ -113,8 +129,9 @@ def from_peft(peft_model) -> nn.Module:
         if module.active_adapters != [adapter] or module.disable_adapters:
             raise ValueError(f"{where}: LoRA layer {name!r} has active adapters {module.active_adapters} "
                              f"(disabled={module.disable_adapters}); exactly {adapter!r} must be active")
-        if module.use_dora.get(adapter) or adapter in module.lora_magnitude_vector:
-            raise ValueError(f"{where}: LoRA layer {name!r} uses DoRA, which LoRALinear does not implement")
+        if _peft_dora_scale(module, adapter) is False:
+            raise ValueError(f"{where}: DoRA layer {name!r} is merged, and PEFT kept no norm of its unmerged weight; "
+                             f"unmerge it in PEFT first")
         if module.lora_B[adapter].bias is not None:
             raise ValueError(f"{where}: LoRA layer {name!r} has a lora_B bias, which LoRALinear does not implement")
         if module.base_layer is not module.get_base_layer():
@@ -126,9 +143,14 @@ def from_peft(peft_model) -> nn.Module:
     for name, module in converted:
         drop = module.lora_dropout[adapter]
         p = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+        dora_scale = _peft_dora_scale(module, adapter)
         fused = LoRALinear(module.get_base_layer(), r=module.r[adapter], alpha=module.lora_alpha[adapter],
-                           dropout=p, use_rslora=bool(getattr(config, "use_rslora", False)))
+                           dropout=p, use_rslora=bool(getattr(config, "use_rslora", False)),
+                           use_dora=dora_scale is not None)
         fused.lora_A, fused.lora_B = module.lora_A[adapter], module.lora_B[adapter]
+        if dora_scale is not None:
+            fused.lora_magnitude_vector = module.lora_magnitude_vector[adapter].weight
+            fused._dora_merge_scale = dora_scale if module.merged else None
         fused.scaling = float(module.scaling[adapter])
         fused.merged = bool(module.merged)
         _set_submodule(inner, name, fused)
@@ -193,11 +215,16 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         rslora = {m.use_rslora for m in layers.values()}
         if len(rslora) != 1:
             raise ValueError(f"{where}: some layers use rsLoRA scaling and some do not; PEFT stores one use_rslora")
+        dora = {m.use_dora for m in layers.values()}
+        if len(dora) != 1:
+            raise ValueError(f"{where}: some layers use DoRA and some do not; PEFT stores one use_dora")
         alpha, alpha_pattern = _common({n: _lora_alpha(m) for n, m in layers.items()})
-        config.update(lora_alpha=alpha, alpha_pattern=alpha_pattern, use_rslora=rslora.pop())
+        config.update(lora_alpha=alpha, alpha_pattern=alpha_pattern, use_rslora=rslora.pop(), use_dora=dora.pop())
         for n, m in layers.items():
             tensors[f"{PREFIX}{n}.lora_A.weight"] = m.lora_A.weight
             tensors[f"{PREFIX}{n}.lora_B.weight"] = m.lora_B.weight
+            if m.use_dora:
+                tensors[f"{PREFIX}{n}.lora_magnitude_vector"] = m.lora_magnitude_vector
     else:
         types = {m.mora_type for m in layers.values()}
         if len(types) != 1:
@@ -290,7 +317,9 @@ def _check_config(where: str, config_file: str, config: dict) -> dict:
     for field in ("use_rslora", "use_mora", "use_dora", "lora_bias", "fan_in_fan_out"):
         flags[field] = bool(_config_value(where, config_file, config, field, False,
                                           lambda v: v is None or isinstance(v, bool), "true, false or null"))
-    for option in ("use_dora", "lora_bias", "fan_in_fan_out"):
+    if flags["use_dora"] and flags["use_mora"]:
+        raise ValueError(f"{where}: {config_file} has both use_dora and use_mora; fusedpeft's DoRA is LoRA's")
+    for option in ("lora_bias", "fan_in_fan_out"):
         if flags[option]:
             raise ValueError(f"{where}: the adapter has {option}=True, which fusedpeft does not implement")
     if config.get("modules_to_save"):
@@ -298,7 +327,7 @@ def _check_config(where: str, config_file: str, config: dict) -> dict:
                          f"does not load")
     positive_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
     checked = dict(
-        use_mora=flags["use_mora"], use_rslora=flags["use_rslora"],
+        use_mora=flags["use_mora"], use_rslora=flags["use_rslora"], use_dora=flags["use_dora"],
         r=_config_value(where, config_file, config, "r", 8, positive_int, "a positive integer"),
         lora_alpha=float(_config_value(where, config_file, config, "lora_alpha", 8, _is_real, "a finite number")),
         lora_dropout=float(_config_value(where, config_file, config, "lora_dropout", 0.0,
@@ -313,23 +342,26 @@ def _check_config(where: str, config_file: str, config: dict) -> dict:
     return checked
 
 
-def _group(where: str, weights_file: str, tensors: dict[str, torch.Tensor],
-           use_mora: bool) -> dict[str, dict[str, torch.Tensor]]:
+def _group(where: str, weights_file: str, tensors: dict[str, torch.Tensor], use_mora: bool,
+           use_dora: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     if not tensors:
         raise ValueError(f"{where}: {weights_file} holds no tensors; an adapter file needs "
                          f"'{PREFIX}<module>.lora_A.weight' entries")
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         match = _KEY.match(key)
-        if match is None:
-            hint = (" (DoRA)" if "lora_magnitude_vector" in key else " (LoRA on an Embedding)" if "lora_embedding"
-                    in key else " (lora_bias)" if key.endswith("lora_B.bias") else "")
+        if match is None or (match["magnitude"] and not use_dora):
+            hint = (" (DoRA), while adapter_config.json has no use_dora=true" if "lora_magnitude_vector" in key
+                    else " (LoRA on an Embedding)" if "lora_embedding" in key
+                    else " (lora_bias)" if key.endswith("lora_B.bias") else "")
             raise ValueError(f"{where}: unexpected key {key!r} in the adapter file{hint}; expected only "
-                             f"'{PREFIX}<module>.lora_A.weight' / '.lora_B.weight'")
-        if value.dtype not in FLOAT_DTYPES or value.dim() != 2 or 0 in value.shape:
+                             f"'{PREFIX}<module>.lora_A.weight' / '.lora_B.weight'"
+                             + (" / '.lora_magnitude_vector'" if use_dora else ""))
+        dims = 1 if match["magnitude"] else 2
+        if value.dtype not in FLOAT_DTYPES or value.dim() != dims or 0 in value.shape:
             raise ValueError(f"{where}: {weights_file}: {key} has shape {tuple(value.shape)} and dtype {value.dtype}; "
-                             f"adapter weights must be non-empty 2-D float16 / bfloat16 / float32 / float64 tensors")
-        groups.setdefault(match["module"], {})[match["which"]] = value
+                             f"it must be a non-empty {dims}-D float16 / bfloat16 / float32 / float64 tensor")
+        groups.setdefault(match["module"], {})[match["which"] or "magnitude"] = value
     for name, pair in groups.items():
         if use_mora:
             if "lora_A" not in pair:
@@ -341,6 +373,8 @@ def _group(where: str, weights_file: str, tensors: dict[str, torch.Tensor],
             for which in ("lora_A", "lora_B"):
                 if which not in pair:
                     raise ValueError(f"{where}: missing key '{PREFIX}{name}.{which}.weight'")
+            if use_dora and "magnitude" not in pair:
+                raise ValueError(f"{where}: missing key '{PREFIX}{name}.lora_magnitude_vector' (use_dora=true)")
     return groups
 
 
@@ -377,13 +411,21 @@ def _plan_lora(where, name, module, pair, config):
         raise ValueError(f"{where}: module {name!r} is {base.in_features}->{base.out_features}, but the file has "
                          f"lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}; they need [r, {base.in_features}] and "
                          f"[{base.out_features}, r] (same architecture as when saved?)")
+    use_dora = config["use_dora"]
+    if use_dora and pair["magnitude"].shape[0] != base.out_features:
+        raise ValueError(f"{where}: module {name!r} is {base.in_features}->{base.out_features}, but the file has "
+                         f"lora_magnitude_vector {tuple(pair['magnitude'].shape)}; it needs [{base.out_features}]")
     alpha = float(_pattern_value(config["alpha_pattern"], name, config["lora_alpha"]))
     rslora = config["use_rslora"]
     if isinstance(module, AdapterLinear):
         if module.r != r:
             raise ValueError(f"{where}: module {name!r} is a LoRALinear with r={module.r}, the file has r={r}")
+        if module.use_dora != use_dora:
+            raise ValueError(f"{where}: module {name!r} is a LoRALinear with use_dora={module.use_dora}, the file has "
+                             f"use_dora={use_dora}")
         return None, alpha, rslora
-    return LoRALinear(module, r=r, alpha=alpha, dropout=config["lora_dropout"], use_rslora=rslora), alpha, rslora
+    return LoRALinear(module, r=r, alpha=alpha, dropout=config["lora_dropout"], use_rslora=rslora,
+                      use_dora=use_dora), alpha, rslora
 
 
 def _plan_mora(where, name, module, pair, config):
@@ -423,8 +465,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     Each module named in the file must exist in ``model``: a plain nn.Linear is wrapped in a new
     LoRALinear / MoRALinear (r from the tensors, alpha from lora_alpha / alpha_pattern, use_rslora,
-    lora_dropout; MoRA: r / rank_pattern and mora_type from the config); an existing adapter layer
-    of the same kind and shape gets the weights copied in (and the file's scaling / mora_type).
+    lora_dropout, use_dora with the magnitude; MoRA: r / rank_pattern and mora_type from the
+    config); an existing adapter layer of the same kind and shape gets the weights copied in (and
+    the file's scaling / mora_type).
     Then everything but the adapters is frozen, as apply_lora does. Tensors are copied to each
     layer's device and adapter dtype. Every check runs before the model is changed, and a failed
     load leaves it as it was: config fields read (booleans must be JSON true / false, r and
@@ -439,7 +482,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     raw, tensors, config_file, weights_file = _read(where, path)
     config = _check_config(where, config_file, raw)
     use_mora = config["use_mora"]
-    groups = _group(where, weights_file, tensors, use_mora)
+    groups = _group(where, weights_file, tensors, use_mora, config["use_dora"])
     model = _unwrap(model)
     _warn_unloaded_targets(where, model, groups, raw)
     want = MoRALinear if use_mora else LoRALinear
@@ -478,6 +521,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         else:
             layer.lora_A.weight.copy_(pair["lora_A"])
             layer.lora_B.weight.copy_(pair["lora_B"])
+            if "magnitude" in pair:
+                layer.lora_magnitude_vector.copy_(pair["magnitude"])
             layer.alpha, layer.use_rslora = setting, rslora
             layer.scaling = lora_scaling(layer.r, setting, rslora)
         if new is not None:

@@ -1,0 +1,116 @@
+"""DoRA suite: y = base(x) + (m/n - 1) x' W^T + (m/n) s x' A^T B^T with W frozen (PEFT's use_dora).
+
+Providers, floor first: the frozen base nn.Linear alone (forward + backward to x only); PEFT's DoRA
+layer as users get it (get_peft_model with use_dora=True: the norm of W + s B@A built from an
+out x in matrix every forward); fusedpeft LoRALinear(use_dora=True) on every backend that can run
+here. Gradients: x, A, B and the magnitude m.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+
+from bench.common import Case, Provider, Settings, Skip, Step
+from bench.lora import floor_work, lora_work
+from bench.providers import fusedpeft_attr, fusedpeft_providers
+
+GPU_SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336)]
+GPU_RANKS = (16,)
+DROPOUTS = (0.0, 0.05)
+# CPU: the issue's headline (2048 tokens, 1024 -> 1024, r = 16, dropout 0) first, then dropout.
+CPU_CASES = [(2048, 1024, 1024, 16, 0.0), (2048, 1024, 1024, 16, 0.05)]
+SMOKE_CASES = [(64, 48, 40, 4, 0.05)]
+GPU_HEADLINE = (8192, 4096, 4096, 16)
+
+
+def _peft_dora_layer(base: nn.Linear, r: int, alpha: float, p: float, lora_a, lora_b, magnitude) -> nn.Module:
+    """peft.tuners.lora.Linear with DoRA around ``base`` (PEFT's defaults: fp32 adapters)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except Exception as exc:  # noqa: BLE001
+        raise Skip(f"peft not importable ({type(exc).__name__}: {exc})") from exc
+
+    class OneLinear(nn.Module):
+        def __init__(self, proj):
+            super().__init__()
+            self.proj = proj
+
+        def forward(self, x):
+            return self.proj(x)
+
+    config = LoraConfig(target_modules=["proj"], r=r, lora_alpha=alpha, lora_dropout=p, use_dora=True)
+    layer = get_peft_model(OneLinear(base), config).base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(lora_a)
+        layer.lora_B["default"].weight.copy_(lora_b)
+        layer.lora_magnitude_vector["default"].weight.copy_(magnitude)
+    return layer
+
+
+def build_case(settings: Settings, n: int, k: int, d: int, r: int, p: float, name: str) -> Case:
+    """Inputs: x [N, K] (requires grad), base W [D, K] frozen, A [r, K], B [D, r], m [D] random,
+    grad_out [N, D]."""
+    dev, dt = settings.device, settings.dtype
+    torch.manual_seed(0)
+    elt = torch.finfo(dt).bits // 8
+    adapter_dtype = torch.float32 if elt == 2 else dt
+    alpha = 2.0 * r
+    scaling = alpha / r
+    base = nn.Linear(k, d, bias=False, device=dev, dtype=dt).requires_grad_(False)
+    x = torch.randn(n, k, device=dev, dtype=dt, requires_grad=True)
+    grad_out = torch.randn(n, d, device=dev, dtype=dt)
+    lora_a = (torch.rand(r, k, device=dev, dtype=adapter_dtype) * 2 - 1) / k**0.5
+    lora_b = torch.randn(d, r, device=dev, dtype=adapter_dtype) * 0.02
+    magnitude = (torch.linalg.vector_norm(base.weight.float(), dim=1) * (1 + 0.1 * torch.rand(d, device=dev)))
+    magnitude = magnitude.to(adapter_dtype)
+
+    def floor():
+        return Step(lambda: base(x), [x], grad_out)
+
+    def peft():
+        layer = _peft_dora_layer(base, r, alpha, p, lora_a, lora_b, magnitude)
+        return Step(lambda: layer(x), [x, *[q for q in layer.parameters() if q.requires_grad]], grad_out)
+
+    def fused(backend):
+        layer = fusedpeft_attr("LoRALinear")(base, r=r, alpha=alpha, dropout=p, backend=backend, use_dora=True)
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(lora_a)
+            layer.lora_B.weight.copy_(lora_b)
+            layer.lora_magnitude_vector.copy_(magnitude)
+        return Step(lambda: layer(x), [x, layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector],
+                    grad_out)
+
+    providers = [Provider("base nn.Linear (floor)", floor, work=floor_work(n, k, d, elt), check=False),
+                 Provider("peft DoRA", peft)]
+    providers += fusedpeft_providers("dora", dev, fused)
+
+    def expected():
+        from fusedpeft import reference
+
+        return reference.dora_linear(x, base.weight, None, lora_a, lora_b, magnitude, scaling)
+
+    notes = [f"adapters and magnitude: {str(adapter_dtype).replace('torch.', '')}; scaling = alpha/r = {scaling}",
+             "work counted as LoRA's (the norm adds 2 D K r + 2 r^2 K FLOPs per forward)"]
+    if p > 0:
+        notes.append("dropout on: each provider draws its own mask, so outputs are not compared")
+    params = {"N": n, "K": k, "D": d, "r": r, "alpha": alpha, "dropout": p, "dtype": str(dt)}
+    return Case("dora", name, params, lora_work(n, k, d, r, elt), providers, None if p > 0 else expected, notes)
+
+
+def cases(settings: Settings):
+    """[(case name, builder, priority)]: the headline first (priority 0)."""
+    if settings.smoke:
+        specs = SMOKE_CASES
+    elif settings.device.type == "cuda":
+        specs = [(n, k, d, r, p) for (n, k, d) in GPU_SHAPES for r in GPU_RANKS for p in DROPOUTS]
+    else:
+        specs = CPU_CASES
+    out = []
+    for n, k, d, r, p in specs:
+        name = f"N{n}_K{k}_D{d}_r{r}_p{p:g}"
+        priority = 0 if settings.device.type == "cpu" or (n, k, d, r) == GPU_HEADLINE else 1
+        out.append((name, functools.partial(build_case, settings, n, k, d, r, p, name), priority))
+    return out

@@ -1,0 +1,93 @@
+"""DoRA on the C++ kernels: LoRA's shrink kernels (in-kernel SPEC §5 dropout) and ATen GEMMs.
+
+Same API and formulas as fusedpeft.torch_backend.dora (see there for what is saved and why).
+Forward:  p = 0: as the torch path (plain ATen GEMMs, one in-place pass y = g * u + bias).
+          p > 0: S' = dropout(x) A^T and V = dropout(x) W^T by fusedpeft_C::lora_shrink (the
+          mask generated in the kernel, block by block; no dropped copy of x), then
+          y = x W^T + bias + (g - 1) * V + g s S' B^T.
+Backward: p = 0: everything (dX, dA, dB and colsum(dY * Y) for dg) from one parallel pass over dY
+          and Y, row blocks at a time (fusedpeft_C::dora_backward_p0, csrc/cpu/dora.cpp);
+          p > 0: dS = s dY (g B) and s dY^T S from one blocked pass over dY
+          (fusedpeft_C::lora_expand_backward, with g B in place of B);
+          p > 0: fusedpeft_C::lora_shrink_backward gives dropout'(dS A) with dA = dS^T dropout(x),
+          and dropout'((dY * (g - 1)) W), both from the mask regenerated in the kernel; dX adds dY W.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import fusedpeft._C  # noqa: F401  (registers torch.ops.fusedpeft_C)
+from fusedpeft.cpp_backend import seed_value
+from fusedpeft.cpp_backend import unavailable_reason as _extension_unavailable
+from fusedpeft.torch_backend.dora import (
+    dora_forward as _torch_forward,
+    expand_grads,
+    grad_B_from,
+    magnitude_grad_from_sums,
+    magnitude_grad_with_dropout,
+)
+from fusedpeft.torch_backend.lora import expand_onto_base
+
+_ops = torch.ops.fusedpeft_C
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """As the extension's, plus: the extension must hold the DoRA kernel (built from this csrc/)."""
+    reason = _extension_unavailable(device)
+    if reason is None and device.type == "cpu" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "fusedpeft_C::dora_backward_p0", "CPU"):
+        return "fusedpeft._C has no dora_backward_p0 kernel: it was built from older sources; rebuild it"
+    return reason
+
+
+def dora_forward(x, weight, bias, lora_A, lora_B, g, scaling: float, dropout_p: float, seed):
+    """x [N, K], weight [D, K], bias [D] | None, lora_A [r, K], lora_B [D, r], g [D] ->
+    (y [N, D], S [N, r], V [N, D] when dropout_p > 0 else an empty [0]), all in x's dtype."""
+    if dropout_p == 0.0:
+        return _torch_forward(x, weight, bias, lora_A, lora_B, g, scaling, 0.0, None)
+    seed_int = seed_value(seed, dropout_p)
+    S = _ops.lora_shrink(x, lora_A, dropout_p, seed_int)
+    V = _ops.lora_shrink(x, weight, dropout_p, seed_int)
+    y = expand_onto_base(S, x, weight, bias, lora_B * g[:, None], scaling)
+    return y.addcmul_(V, g - 1), S, V
+
+
+def _expand_grads(dy, S, lora_B, g, scaling: float, need_S: bool, need_sdyS: bool):
+    """(dS [N, r], s dY^T S [D, r]) as torch_backend.dora.expand_grads, from one pass over dY."""
+    if need_S and need_sdyS:
+        dS, sdyS = _ops.lora_expand_backward(dy, S, lora_B * g[:, None], scaling)
+        return dS.to(dy.dtype), sdyS
+    return expand_grads(dy, S, lora_B, g, scaling, need_S, need_sdyS)
+
+
+def dora_backward(grad_y, x, weight, bias, lora_A, lora_B, g, saved, S, scaling: float, dropout_p: float, seed,
+                  need_x: bool, need_A: bool, need_B: bool, need_g: bool):
+    """grad_y [N, D] -> (grad_x [N, K] | None, grad_A [r, K] | None, grad_B [D, r] | None, grad_g [D] | None).
+
+    saved: the output Y [N, D] when dropout_p == 0, V = x' W^T [N, D] otherwise."""
+    dy = grad_y.to(x.dtype)
+    need_S = need_x or need_A
+    if dropout_p == 0.0:
+        grad_x, grad_A, grad_B, num = _ops.dora_backward_p0(dy, saved, x, weight, S, lora_A, lora_B, g, scaling,
+                                                            need_x, need_A, need_B, need_g)
+        grad_g = None
+        if need_g:
+            if bias is not None:
+                num -= bias.to(num.dtype) * dy.sum(0, dtype=num.dtype)
+            grad_g = magnitude_grad_from_sums(num, dy, x, weight, lora_B, g, S, scaling).to(g.dtype)
+        return (grad_x if need_x else None, grad_A.to(lora_A.dtype) if need_A else None,
+                grad_B.to(lora_B.dtype) if need_B else None, grad_g)
+    dS, sdyS = _expand_grads(dy, S, lora_B, g, scaling, need_S, need_B or need_g)
+    grad_B = grad_B_from(sdyS, lora_B, g) if need_B else None
+    grad_g = magnitude_grad_with_dropout(dy, saved, lora_B, sdyS, g) if need_g else None
+    grad_x = grad_A = None
+    seed_int = seed_value(seed, dropout_p)
+    if need_S:
+        grad_x, grad_A = _ops.lora_shrink_backward(x, dS, lora_A, dropout_p, seed_int, need_x, need_A)
+        grad_A = grad_A.to(lora_A.dtype) if need_A else None
+    if need_x:
+        masked, _ = _ops.lora_shrink_backward(x, (dy * (g - 1)).to(x.dtype), weight, dropout_p, seed_int, True,
+                                              False)
+        grad_x = grad_x.add_(masked).addmm_(dy, weight)
+    return grad_x, grad_A, grad_B, grad_g

@@ -1,0 +1,106 @@
+"""DoRA's layer state for LoRALinear(use_dora=True): the magnitude, the cached ||W_i||^2, merge.
+
+Kept apart from LoRALinear so that the LoRA layer only dispatches here when use_dora is set.
+Shapes: W [D, K] (the base weight), A [r, K], B [D, r], m = lora_magnitude_vector [D].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fusedpeft.ops.dora import weight_norm, weight_sq_norm
+from fusedpeft.reference import lora_delta_weight
+
+
+def check_dora_base(where: str, base) -> None:
+    """DoRA wraps a plain nn.Linear: embeddings, convolutions, GPT-2's Conv1D (fan_in_fan_out, a
+    transposed weight) and bitsandbytes' quantized layers get a TypeError naming what they are."""
+    kind = type(base).__name__
+    if type(base).__module__.startswith("bitsandbytes"):
+        raise TypeError(f"{where}: use_dora=True on a quantized base ({kind}) is not implemented yet; use a "
+                        f"16/32-bit torch.nn.Linear base")
+    if isinstance(base, nn.Linear):
+        return
+    if isinstance(base, nn.Embedding):
+        what = "an embedding (PEFT's DoRA on embeddings is not implemented by fusedpeft)"
+    elif isinstance(base, nn.modules.conv._ConvNd):
+        what = "a convolution (PEFT's DoRA on Conv layers is not implemented by fusedpeft)"
+    elif kind == "Conv1D":
+        what = "GPT-2's Conv1D, whose weight is stored transposed (fan_in_fan_out=True is not supported)"
+    else:
+        what = f"a {kind}"
+    raise TypeError(f"{where}: use_dora=True needs base to be a torch.nn.Linear, got {what}")
+
+
+class WeightNormCache:
+    """||W_i||^2 [D] of one base weight, recomputed when the weight changes.
+
+    The key is the weight's identity, storage, version counter (bumped by every in-place change:
+    merge, ReMoRA-style folding, load_state_dict / copy_), dtype, device and shape. Not part of the
+    state_dict. Under torch.compile it is bypassed (the value is computed in the graph)."""
+
+    def __init__(self):
+        self.key = None
+        self.value = None
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor | None:
+        if torch.compiler.is_compiling():
+            return None
+        key = (id(weight), weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
+        if key != self.key:
+            self.value = weight_sq_norm(weight)
+            self.key = key
+        return self.value
+
+    def clear(self) -> None:
+        self.key = self.value = None
+
+
+def magnitude_init(layer) -> torch.Tensor:
+    """The row norms of W + s B A [D] in the adapter dtype: PEFT's initial magnitude (= ||W_i|| while B is 0)."""
+    w = layer.base_layer.weight
+    return weight_norm(w, layer.lora_A.weight, layer.lora_B.weight, layer.scaling).to(layer.lora_A.weight.dtype)
+
+
+def dora_scale(layer) -> torch.Tensor:
+    """g = m / n [D] in fp32 (fp64 for fp64), detached, from the current (unmerged) weights."""
+    w = layer.base_layer.weight
+    n = weight_norm(w, layer.lora_A.weight, layer.lora_B.weight, layer.scaling, layer._dora_cache.get(w))
+    return layer.lora_magnitude_vector.detach().to(n.dtype) / n
+
+
+def dora_delta_weight(layer) -> torch.Tensor:
+    """ΔW = g (W + s B A) - W [D, K] in the base weight's dtype (computed in fp32 / fp64), so that
+    base(x) + x ΔW^T == forward(x) with dropout off."""
+    w = layer.base_layer.weight.detach()
+    wide = torch.float64 if w.dtype == torch.float64 else torch.float32
+    g = dora_scale(layer).to(wide)
+    target = g[:, None] * (w.to(wide) + lora_delta_weight(layer.lora_A.weight, layer.lora_B.weight,
+                                                          layer.scaling).to(wide))
+    return (target - w.to(wide)).to(w.dtype)
+
+
+@torch.no_grad()
+def dora_merge(layer) -> None:
+    """W <- g (W + s B A) in place (in W's dtype), remembering g for unmerge (as PEFT caches n)."""
+    w = layer.base_layer.weight
+    g = dora_scale(layer)
+    delta = lora_delta_weight(layer.lora_A.weight, layer.lora_B.weight, layer.scaling)
+    w.copy_(((w.to(delta.dtype) + delta) * g.to(delta.dtype)[:, None]).to(w.dtype))
+    layer._dora_merge_scale = g
+    layer._dora_cache.clear()
+
+
+@torch.no_grad()
+def dora_unmerge(layer) -> None:
+    """W <- W / g - s B A with the g of the merge: reverses dora_merge up to rounding."""
+    w = layer.base_layer.weight
+    delta = lora_delta_weight(layer.lora_A.weight, layer.lora_B.weight, layer.scaling)
+    g = layer._dora_merge_scale
+    if g is None:  # merged elsewhere (e.g. loaded merged): n is that of the unmerged weight, unknown here
+        raise RuntimeError("LoRALinear.unmerge(): this DoRA layer was not merged by merge(), so the norm of its "
+                           "unmerged weight is unknown; reload the unmerged base weight instead")
+    w.copy_((w.to(delta.dtype) / g.to(delta.dtype)[:, None] - delta).to(w.dtype))
+    layer._dora_merge_scale = None
+    layer._dora_cache.clear()
