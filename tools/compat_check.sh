@@ -31,12 +31,12 @@ find_python312() {  # the first candidate that really runs 3.12 (a pyenv shim ma
 PINS=("torch==2.11.0" "triton==3.6.0" "transformers==5.17.0" "peft" "safetensors" "pytest" "pytest-benchmark"
       "ninja" "numpy" "accelerate" "bitsandbytes")
 STAMP="$VENV/.compat-$(printf '%s ' "${PINS[@]}" | md5sum | cut -c1-12)"
-TESTS=(tests/test_triton_aot.py tests/test_triton_lora_aot.py tests/test_triton_mora_aot.py tests/test_triton_dequant_aot.py
-       tests/test_triton_cross_entropy_aot.py tests/test_backends.py tests/test_ops.py tests/test_compile.py
-       tests/test_lora_layer.py tests/test_mora_layer.py tests/test_losses.py tests/test_causal_lm.py
-       tests/test_peft_io.py tests/test_integrations_models.py tests/test_cpp_extension.py
-       tests/test_spec_cross_entropy.py tests/test_spec_lora_peft.py tests/test_spec_mora.py tests/test_dequant_4bit.py
-       tests/test_qlora_layer.py tests/test_ce_normalize.py tests/test_hardening.py)
+TESTS=(tests/test_triton_aot.py tests/test_triton_*_aot.py  # every Triton kernel config, AOT
+       tests/test_backends.py tests/test_ops.py tests/test_compile.py tests/test_lora_layer.py tests/test_mora_layer.py
+       tests/test_losses.py tests/test_causal_lm.py tests/test_peft_io.py tests/test_integrations_models.py
+       tests/test_cpp_extension.py tests/test_spec_cross_entropy.py tests/test_spec_lora_peft.py tests/test_spec_mora.py
+       tests/test_dequant_4bit.py tests/test_qlora_layer.py tests/test_dora.py tests/test_dora_peft_io.py
+       tests/test_ce_normalize.py tests/test_hardening.py)
 start=$(date +%s)
 step() { echo "== compat: $1 ($(( $(date +%s) - start )) s)"; }
 
