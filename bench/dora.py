@@ -13,9 +13,9 @@ import functools
 import torch
 import torch.nn as nn
 
-from bench.common import Case, Provider, Settings, Skip, Step
+from bench.common import Case, Provider, Settings, Step
 from bench.lora import floor_work, lora_work
-from bench.providers import fusedpeft_attr, fusedpeft_providers
+from bench.providers import fusedpeft_attr, fusedpeft_providers, peft_lora_layer
 
 GPU_SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336)]
 GPU_RANKS = (16,)
@@ -24,30 +24,6 @@ DROPOUTS = (0.0, 0.05)
 CPU_CASES = [(2048, 1024, 1024, 16, 0.0), (2048, 1024, 1024, 16, 0.05)]
 SMOKE_CASES = [(64, 48, 40, 4, 0.05)]
 GPU_HEADLINE = (8192, 4096, 4096, 16)
-
-
-def _peft_dora_layer(base: nn.Linear, r: int, alpha: float, p: float, lora_a, lora_b, magnitude) -> nn.Module:
-    """peft.tuners.lora.Linear with DoRA around ``base`` (PEFT's defaults: fp32 adapters)."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except Exception as exc:  # noqa: BLE001
-        raise Skip(f"peft not importable ({type(exc).__name__}: {exc})") from exc
-
-    class OneLinear(nn.Module):
-        def __init__(self, proj):
-            super().__init__()
-            self.proj = proj
-
-        def forward(self, x):
-            return self.proj(x)
-
-    config = LoraConfig(target_modules=["proj"], r=r, lora_alpha=alpha, lora_dropout=p, use_dora=True)
-    layer = get_peft_model(OneLinear(base), config).base_model.model.proj
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(lora_a)
-        layer.lora_B["default"].weight.copy_(lora_b)
-        layer.lora_magnitude_vector["default"].weight.copy_(magnitude)
-    return layer
 
 
 def build_case(settings: Settings, n: int, k: int, d: int, r: int, p: float, name: str) -> Case:
@@ -71,7 +47,7 @@ def build_case(settings: Settings, n: int, k: int, d: int, r: int, p: float, nam
         return Step(lambda: base(x), [x], grad_out)
 
     def peft():
-        layer = _peft_dora_layer(base, r, alpha, p, lora_a, lora_b, magnitude)
+        layer = peft_lora_layer(base, r, alpha, p, lora_a, lora_b, magnitude=magnitude)
         return Step(lambda: layer(x), [x, *[q for q in layer.parameters() if q.requires_grad]], grad_out)
 
     def fused(backend):

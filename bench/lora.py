@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.common import Case, Provider, Settings, Skip, Step, Work
-from bench.providers import fusedpeft_attr, fusedpeft_providers
+from bench.providers import fusedpeft_attr, fusedpeft_providers, peft_lora_layer
 
 GPU_SHAPES = [(8192, 4096, 4096), (8192, 4096, 1024), (8192, 4096, 14336), (8192, 14336, 4096)]  # Llama-3-8B
 GPU_RANKS = (8, 16, 64)
@@ -82,29 +82,6 @@ def _eager_lora(x, weight, lora_a, lora_b, scaling: float, p: float):
     return F.linear(x, weight) + scaling * F.linear(F.linear(F.dropout(x, p, training=True), lora_a), lora_b)
 
 
-def _peft_layer(base: nn.Linear, r: int, alpha: float, p: float, lora_a, lora_b) -> nn.Module:
-    """peft.tuners.lora.Linear around ``base`` via get_peft_model (PEFT's defaults, fp32 adapters)."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except Exception as exc:  # noqa: BLE001
-        raise Skip(f"peft not importable ({type(exc).__name__}: {exc})") from exc
-
-    class OneLinear(nn.Module):
-        def __init__(self, proj):
-            super().__init__()
-            self.proj = proj
-
-        def forward(self, x):
-            return self.proj(x)
-
-    model = get_peft_model(OneLinear(base), LoraConfig(target_modules=["proj"], r=r, lora_alpha=alpha, lora_dropout=p))
-    layer = model.base_model.model.proj
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(lora_a)
-        layer.lora_B["default"].weight.copy_(lora_b)
-    return layer
-
-
 def build_case(settings: Settings, n: int, k: int, d: int, r: int, p: float, name: str) -> Case:
     """Inputs: x [N, K] (requires grad), base W [D, K] frozen, A [r, K], B [D, r] random, grad_out [N, D]."""
     dev, dt = settings.device, settings.dtype
@@ -123,7 +100,7 @@ def build_case(settings: Settings, n: int, k: int, d: int, r: int, p: float, nam
         return Step(lambda: base(x), [x], grad_out)
 
     def peft():
-        layer = _peft_layer(base, r, alpha, p, lora_a, lora_b)
+        layer = peft_lora_layer(base, r, alpha, p, lora_a, lora_b)
         return Step(lambda: layer(x), [x, *[q for q in layer.parameters() if q.requires_grad]], grad_out)
 
     def addmm():

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from bench.common import Case, Provider, Settings, Skip, Step
-from bench.lora import _peft_layer, floor_work, lora_work
-from bench.providers import fusedpeft_attr, fusedpeft_providers
+from bench.lora import floor_work, lora_work
+from bench.providers import fusedpeft_attr, fusedpeft_providers, peft_lora_layer
 
 # (N, K, (D_q, D_k, D_v), r): Llama-3-8B attention on the GPU, scaled down on the CPU
 GPU_CASES = [(8192, 4096, (4096, 1024, 1024), 16)]
@@ -48,7 +48,7 @@ def build_case(settings: Settings, n: int, k: int, outs: tuple[int, ...], r: int
         return Step(lambda: fused_base(x), [x], grad_out)
 
     def peft():
-        layers = [_peft_layer(base, r, alpha, 0.0, a, b) for base, (a, b) in zip(bases, adapters)]
+        layers = [peft_lora_layer(base, r, alpha, 0.0, a, b) for base, (a, b) in zip(bases, adapters)]
         params = [q for layer in layers for q in layer.parameters() if q.requires_grad]
         return Step(lambda: torch.cat([layer(x) for layer in layers], -1), [x, *params], grad_out)
 

@@ -8,6 +8,7 @@ import functools
 from typing import Callable
 
 import torch
+from torch import nn
 
 from bench.common import Provider, Skip, Step
 
@@ -69,3 +70,38 @@ def fusedpeft_attr(name: str):
     if not hasattr(fp, name):
         raise Skip(f"fusedpeft.{name} does not exist yet (public API of SPEC §1 not landed)")
     return getattr(fp, name)
+
+
+def peft_lora_layer(base: nn.Module, r: int, alpha: float, p: float, lora_a: torch.Tensor,
+                    lora_b: torch.Tensor, magnitude: torch.Tensor | None = None,
+                    quantized_4bit: bool = False) -> nn.Module:
+    """PEFT's LoRA layer around ``base``, built by get_peft_model with PEFT's defaults (fp32 adapters)
+    and given the adapter weights lora_a [r, K], lora_b [D, r] (and DoRA's magnitude [D] when given:
+    use_dora=True). quantized_4bit: ``base`` is a bitsandbytes Linear4bit and PEFT must pick its
+    QLoRA layer (peft.tuners.lora.bnb), as it does on a BitsAndBytesConfig model."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except Exception as exc:  # noqa: BLE001
+        raise Skip(f"peft not importable ({type(exc).__name__}: {exc})") from exc
+
+    class OneLinear(nn.Module):
+        is_loaded_in_4bit = quantized_4bit  # what transformers sets on a 4-bit model: PEFT's bnb dispatch
+
+        def __init__(self, proj):
+            super().__init__()
+            self.proj = proj
+
+        def forward(self, x):
+            return self.proj(x)
+
+    config = LoraConfig(target_modules=["proj"], r=r, lora_alpha=alpha, lora_dropout=p,
+                        use_dora=magnitude is not None)
+    layer = get_peft_model(OneLinear(base), config).base_model.model.proj
+    if quantized_4bit and not type(layer).__module__.endswith("lora.bnb"):
+        raise Skip(f"PEFT did not pick its bitsandbytes layer (got {type(layer).__module__})")
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(lora_a)
+        layer.lora_B["default"].weight.copy_(lora_b)
+        if magnitude is not None:
+            layer.lora_magnitude_vector["default"].weight.copy_(magnitude)
+    return layer

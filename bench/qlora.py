@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from bench.common import Case, Provider, Settings, Skip, Step
 from bench.lora import floor_work, lora_work
-from bench.providers import fusedpeft_attr, fusedpeft_providers
+from bench.providers import fusedpeft_attr, fusedpeft_providers, peft_lora_layer
 
 GPU_SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096)]  # Llama-3-8B projections
 GPU_RANK = 16
@@ -76,34 +76,6 @@ class _UnslothStyle(torch.autograd.Function):
         return grad_x, None, grad_a, grad_b, None
 
 
-def _peft_qlora(layer, r: int, alpha: float, p: float, lora_a, lora_b) -> nn.Module:
-    """PEFT's QLoRA layer (peft.tuners.lora.bnb.Linear4bit) around ``layer`` via get_peft_model."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except Exception as exc:  # noqa: BLE001
-        raise Skip(f"peft not importable ({type(exc).__name__}: {exc})") from exc
-
-    class OneLinear(nn.Module):
-        is_loaded_in_4bit = True  # what transformers sets on a BitsAndBytesConfig model: PEFT's bnb dispatch
-
-        def __init__(self, proj):
-            super().__init__()
-            self.proj = proj
-
-        def forward(self, x):
-            return self.proj(x)
-
-    model = get_peft_model(OneLinear(layer), LoraConfig(target_modules=["proj"], r=r, lora_alpha=alpha,
-                                                         lora_dropout=p))
-    peft_layer = model.base_model.model.proj
-    if not type(peft_layer).__module__.endswith("lora.bnb"):
-        raise Skip(f"PEFT did not pick its bitsandbytes layer (got {type(peft_layer).__module__})")
-    with torch.no_grad():
-        peft_layer.lora_A["default"].weight.copy_(lora_a)
-        peft_layer.lora_B["default"].weight.copy_(lora_b)
-    return peft_layer
-
-
 def build_case(settings: Settings, n: int, k: int, d: int, r: int, p: float, name: str) -> Case:
     """Inputs: x [N, K] (requires grad), an NF4 Linear4bit [D, K] frozen, A [r, K], B [D, r], grad_out [N, D]."""
     dev, dt = settings.device, settings.dtype
@@ -124,7 +96,8 @@ def build_case(settings: Settings, n: int, k: int, d: int, r: int, p: float, nam
         return Step(lambda: base(x), [x], grad_out)
 
     def peft():
-        layer = _peft_qlora(nf4_linear(k, d, dt, dev, weight), r, alpha, p, lora_a, lora_b)
+        layer = peft_lora_layer(nf4_linear(k, d, dt, dev, weight), r, alpha, p, lora_a, lora_b,
+                                quantized_4bit=True)
         return Step(lambda: layer(x), [x, *[q for q in layer.parameters() if q.requires_grad]], grad_out)
 
     def unsloth():

@@ -142,7 +142,8 @@ def main(argv=None) -> int:
 
     info = machine_info(device)
     print(f"fusedpeft bench: suites {suite_names} on {info['device_name']} ({device}), {str(dtype)[6:]}, "
-          f"{'smoke' if args.smoke else 'quick' if args.quick else 'full'}; torch {info['torch']}, {info['cpu_count']} CPUs, {info['date']}")
+          f"{'smoke' if args.smoke else 'quick' if args.quick else 'full'}; torch {info['torch']}, "
+          f"{info['cpu_count']} CPUs, {info['date']}")
     print(f"fusedpeft backends: {info['fusedpeft_backends']}")
     report = {"machine": info, "settings": {k: str(v) for k, v in vars(settings).items()}, "cases": []}
     if device.type == "cpu":
