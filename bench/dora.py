@@ -14,15 +14,13 @@ import torch
 import torch.nn as nn
 
 from bench.common import Case, Provider, Settings, Step
-from bench.lora import floor_work, lora_work
+from bench.lora import floor_work, lora_specs, lora_work
 from bench.providers import fusedpeft_attr, fusedpeft_providers, peft_lora_layer
 
 GPU_SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336)]
 GPU_RANKS = (16,)
-DROPOUTS = (0.0, 0.05)
 # CPU: the issue's headline (2048 tokens, 1024 -> 1024, r = 16, dropout 0) first, then dropout.
 CPU_CASES = [(2048, 1024, 1024, 16, 0.0), (2048, 1024, 1024, 16, 0.05)]
-SMOKE_CASES = [(64, 48, 40, 4, 0.05)]
 GPU_HEADLINE = (8192, 4096, 4096, 16)
 
 
@@ -78,14 +76,8 @@ def build_case(settings: Settings, n: int, k: int, d: int, r: int, p: float, nam
 
 def cases(settings: Settings):
     """[(case name, builder, priority)]: the headline first (priority 0)."""
-    if settings.smoke:
-        specs = SMOKE_CASES
-    elif settings.device.type == "cuda":
-        specs = [(n, k, d, r, p) for (n, k, d) in GPU_SHAPES for r in GPU_RANKS for p in DROPOUTS]
-    else:
-        specs = CPU_CASES
     out = []
-    for n, k, d, r, p in specs:
+    for n, k, d, r, p in lora_specs(settings, GPU_SHAPES, GPU_RANKS, CPU_CASES):
         name = f"N{n}_K{k}_D{d}_r{r}_p{p:g}"
         priority = 0 if settings.device.type == "cpu" or (n, k, d, r) == GPU_HEADLINE else 1
         out.append((name, functools.partial(build_case, settings, n, k, d, r, p, name), priority))

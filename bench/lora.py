@@ -156,15 +156,20 @@ def build_case(settings: Settings, n: int, k: int, d: int, r: int, p: float, nam
     return Case("lora", name, params, lora_work(n, k, d, r, elt), providers, None if p > 0 else expected, notes)
 
 
+def lora_specs(settings: Settings, gpu_shapes, gpu_ranks, cpu_cases) -> list[tuple]:
+    """(N, K, D, r, p) cases of a LoRA-shaped suite for the device: the smoke case, the GPU grid
+    (shape x rank x dropout) or the CPU cases."""
+    if settings.smoke:
+        return SMOKE_CASES
+    if settings.device.type == "cuda":
+        return [(n, k, d, r, p) for (n, k, d) in gpu_shapes for r in gpu_ranks for p in DROPOUTS]
+    return cpu_cases
+
+
 def cases(settings: Settings):
     """[(case name, builder, priority)] for the device: builders allocate inputs only when called;
     priority 0 runs first (GPU: r=16), priority 1 after every suite's priority-0 cases."""
-    if settings.smoke:
-        specs = SMOKE_CASES
-    elif settings.device.type == "cuda":
-        specs = [(n, k, d, r, p) for (n, k, d) in GPU_SHAPES for r in GPU_RANKS for p in DROPOUTS]
-    else:
-        specs = CPU_CASES
+    specs = lora_specs(settings, GPU_SHAPES, GPU_RANKS, CPU_CASES)
     out = []
     for n, k, d, r, p in specs:
         name = f"N{n}_K{k}_D{d}_r{r}_p{p:g}"
