@@ -1,4 +1,4 @@
-"""Drop-in nn.Modules and functionals: the public layer of fusedpeft (SPEC §1)."""
+"""Drop-in nn.Modules and functionals: the public layer of fusedpeft (docs/contract.md §1)."""
 
 from fusedpeft.fused.functional import delta_weight, merge, unmerge
 from fusedpeft.fused.lora import LoRALinear
