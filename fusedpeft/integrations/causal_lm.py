@@ -165,6 +165,10 @@ def _patched_forward(self, *args, instruction_mask=None, token_weights=None, **k
             if name in kwargs:
                 raise TypeError(f"{type(self).__name__}.forward got multiple values for argument {name!r}")
             kwargs[name] = value
+    if kwargs.pop("fused_lm_head", False):  # TRL's call (fusedpeft/integrations/trl.py)
+        from fusedpeft.integrations.trl import fused_lm_head_forward
+
+        return fused_lm_head_forward(self, kwargs, instruction_mask, token_weights)
     labels = kwargs.get("labels")
     if labels is None:
         for key in ("labels", "num_items_in_batch", "shift_labels"):
