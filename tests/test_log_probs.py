@@ -110,3 +110,15 @@ def test_bad_input():
     bad[0] = 37
     with pytest.raises(ValueError, match=r"labels\[0\] = 37 is outside \[0, 37\)"):
         fp.linear_log_probs(hidden, weight, bad)
+
+
+@pytest.mark.parametrize("outputs", [1, 31])
+def test_custom_op_schema_fake_and_autograd(outputs):
+    """torch.library.opcheck: the op's schema, fake (meta) kernel and autograd registration agree,
+    which torch.compile relies on (log p alone, and every output)."""
+    from fusedpeft.ops.log_probs import linear_log_probs_op
+
+    hidden, weight, _, labels = _inputs(n=6, h=4, v=11)
+    mask = (labels != -100).double()
+    torch.library.opcheck(linear_log_probs_op, (hidden, weight, None, labels.clamp(min=0), mask, outputs, 1.0, None,
+                                                4096, "torch"))
