@@ -45,7 +45,8 @@ def linear_log_probs(hidden, weight, labels, bias=None, *, outputs=("log_probs",
     log_probs and entropy carry gradients to hidden, weight and bias (computed chunk by chunk in
     backward, never rows x V); log_sum_sq_probs, mean_logits and is_top1 none. Under autocast
     hidden, weight and bias are cast to the autocast dtype, as an nn.Linear head would be.
-    chunk_budget_bytes / backend as in linear_cross_entropy.
+    chunk_budget_bytes: bytes of chunk temporaries (None: linear_cross_entropy's default, but at
+    least 256 rows of logits per chunk, at most 256 MiB); backend as in linear_cross_entropy.
     """
     where = "fusedpeft.linear_log_probs"
     check_linear_head(where, hidden, weight, bias)

@@ -22,11 +22,16 @@ from torch import Tensor
 
 from fusedpeft.backends import implementation, resolve_backend
 from fusedpeft.ops._common import eager_twin, empty_result, maybe, no_autocast, run, run_backward
-from fusedpeft.ops.cross_entropy import auto_chunk_budget
+from fusedpeft.ops.cross_entropy import AUTO_BUDGET_MAX_BYTES, auto_chunk_budget
 from fusedpeft.torch_backend import log_probs as torch_log_probs
 from fusedpeft.torch_backend.cross_entropy import accumulation_dtype
 
 OUTPUTS = torch_log_probs.OUTPUTS
+# chunk_budget_bytes=None: auto_chunk_budget (the linear cross-entropy's rule), but at least
+# MIN_CHUNK_ROWS rows of logits per chunk (capped at AUTO_BUDGET_MAX_BYTES): measured on CPU (1024
+# rows, H 512, V 32000, fp32) the aspect-ratio rule alone gave ~16-row chunks and a forward 3.6x
+# slower than TRL's own head, 256 rows 1.9x faster (fwd+bwd 2.4x). TRL's head holds a 4096 x 32768 tile.
+MIN_CHUNK_ROWS = 256
 
 
 def _wanted(outputs: int) -> list[bool]:
@@ -147,7 +152,9 @@ def linear_log_probs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tens
     acc = accumulation_dtype(hidden.dtype)
     safe = torch.where(valid, flat, torch.zeros_like(flat)).long()
     if chunk_budget_bytes is None:
-        chunk_budget_bytes = auto_chunk_budget(flat.numel(), hidden.shape[-1], vocab, hidden.element_size())
+        rows = MIN_CHUNK_ROWS * vocab * (2 * torch.empty((), dtype=acc).element_size() + hidden.element_size())
+        chunk_budget_bytes = min(AUTO_BUDGET_MAX_BYTES, max(
+            rows, auto_chunk_budget(flat.numel(), hidden.shape[-1], vocab, hidden.element_size())))
     bits = sum(1 << OUTPUTS.index(name) for name in outputs)
     name = resolve_backend("cross_entropy", backend, hidden.device)
     results = run(linear_log_probs_op, _LinearLogProbsEager, hidden.reshape(-1, hidden.shape[-1]).contiguous(),

@@ -54,15 +54,15 @@ def _forward_step(make_logits, rows, scale, with_grad, *, targets, stats, wanted
     extra = {}
     if wanted[3]:
         extra[3] = z.mean(1)
+    z_max, z_argmax = z.max(1)  # one pass; the index of the first maximum, as TRL counts ties
     if wanted[4]:
-        extra[4] = (z.argmax(1) == y).to(z.dtype)  # argmax: the first maximum, as TRL counts ties
-    z_max = z.amax(1)
+        extra[4] = (z_argmax == y).to(z.dtype)
     z.sub_(z_max.unsqueeze(1))  # d = z - max
     e = torch.exp(z) if (wanted[1] or wanted[2]) else z.exp_()  # exp(d); in place when d is not needed
     sum_e = e.sum(1)
     log_sum_e = sum_e.log()
     if wanted[1]:
-        extra[1] = log_sum_e - (e * z).sum(1) / sum_e  # H = lse - sum p z
+        extra[1] = log_sum_e - torch.einsum("rv,rv->r", e, z) / sum_e  # H = lse - sum p d, no [rows, V] temporary
     if wanted[2]:
         extra[2] = e.mul_(e).sum(1).log() - 2.0 * log_sum_e  # log sum p^2
     for index, values in extra.items():
