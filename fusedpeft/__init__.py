@@ -18,6 +18,7 @@ from fusedpeft.fused import (
     MoRALinear,
     delta_weight,
     linear_cross_entropy,
+    linear_log_probs,
     masked_cross_entropy,
     merge,
     unmerge,
