@@ -15,8 +15,8 @@ import torch
 
 import fusedpeft._C  # noqa: F401  (registers torch.ops.fusedpeft_C)
 from fusedpeft.cpp_backend import unavailable_reason  # noqa: F401  (read by fusedpeft.backends)
+from fusedpeft.core.dtypes import accumulation_dtype
 from fusedpeft.torch_backend.cross_entropy import (
-    accumulation_dtype,
     backward_by_chunks,
     chunk_bytes_per_logit,
     chunked_linear_pass,

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedpeft._C  # noqa: F401  (registers torch.ops.fusedpeft_C)
+from fusedpeft.core.dtypes import accumulation_dtype
 from fusedpeft.cpp_backend import seed_value, unavailable_reason  # noqa: F401  (read by fusedpeft.backends)
 from fusedpeft.cpp_backend.dequant import dequantize_4bit
 from fusedpeft.quantized import dense_weight
@@ -30,10 +31,6 @@ from fusedpeft.torch_backend.mora import adapter_weight_grad, choose_strategy, g
 from fusedpeft.torch_backend.mora_maps import MoraGeometry, rope_tables
 
 _ops = torch.ops.fusedpeft_C
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _tables(g: MoraGeometry, device: torch.device):
@@ -79,7 +76,7 @@ def mora_forward(x, weight, bias, M, mora_type: int, dropout_p: float, seed, str
     if strategy == "merged":
         return F.linear(x, _merged_weight(weight, M, g), bias)
     n = x.shape[0]
-    y_slots = _compress(x, g, dropout_p, seed) @ M.to(_compute_dtype(x.dtype)).t()
+    y_slots = _compress(x, g, dropout_p, seed) @ M.to(accumulation_dtype(x.dtype)).t()
     y = _ops.mora_decompress(y_slots.view(n, _slot_width(g)), g.out_features, g.r_hat, mora_type, bias, x.dtype)
     return y if weight is None else y.addmm_(x, weight.t())
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fusedpeft.core.dtypes import accumulation_dtype
 from fusedpeft.ops.dora import weight_norm, weight_sq_norm
 from fusedpeft.reference import lora_delta_weight
 
@@ -74,7 +75,7 @@ def dora_delta_weight(layer) -> torch.Tensor:
     """ΔW = g (W + s B A) - W [D, K] in the base weight's dtype (computed in fp32 / fp64), so that
     base(x) + x ΔW^T == forward(x) with dropout off."""
     w = layer.base_layer.weight.detach()
-    wide = torch.float64 if w.dtype == torch.float64 else torch.float32
+    wide = accumulation_dtype(w.dtype)
     g = dora_scale(layer).to(wide)
     target = g[:, None] * (w.to(wide) + lora_delta_weight(layer.lora_A.weight, layer.lora_B.weight,
                                                           layer.scaling).to(wide))

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fusedpeft.backends import implementation, resolve_backend
+from fusedpeft.core.dtypes import accumulation_dtype
 from fusedpeft.ops._common import eager_twin, empty_result, maybe, no_autocast, run, run_backward
 from fusedpeft.reference import token_loss_weights
 
@@ -39,10 +40,6 @@ def auto_chunk_budget(n_rows: int, hidden_size: int, vocab: int, itemsize: int) 
     return max(1, min(AUTO_BUDGET_MAX_BYTES, max(rows * itemsize * vocab // 2, budget)))
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ------------------------------------------------------------------------ from logits
 
 
@@ -59,7 +56,7 @@ cross_entropy_op = torch.library.custom_op("fusedpeft::cross_entropy", _cross_en
 
 @cross_entropy_op.register_fake
 def _(logits, labels, row_scale, reduce, label_smoothing, z_loss, softcap, backend):
-    acc = _acc_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     loss = logits.new_empty((), dtype=acc) if reduce else logits.new_empty(logits.shape[0], dtype=acc)
     return loss, logits.new_empty(logits.shape[0], dtype=acc)
 
@@ -129,7 +126,7 @@ linear_cross_entropy_op = torch.library.custom_op("fusedpeft::linear_cross_entro
 @linear_cross_entropy_op.register_fake
 def _(hidden, weight, bias, labels, row_scale, reduce, label_smoothing, z_loss, softcap, chunk_budget_bytes,
       need_hidden, need_weight, need_bias, backend):
-    acc = _acc_dtype(hidden.dtype)
+    acc = accumulation_dtype(hidden.dtype)
     loss = hidden.new_empty((), dtype=acc) if reduce else hidden.new_empty(hidden.shape[0], dtype=acc)
     return (loss,
             torch.empty_like(hidden) if reduce and need_hidden else empty_result(hidden),
@@ -274,7 +271,7 @@ def cross_entropy(logits: Tensor, labels: Tensor, *, reduction="mean", label_smo
                   backend=None, **weighting) -> Tensor:
     """logits [..., V], labels [...] -> float32 loss (labels' shape for "none"). Validated inputs."""
     vocab = logits.shape[-1]
-    scale, safe_labels = row_scale_and_labels(labels, vocab, reduction=reduction, dtype=_acc_dtype(logits.dtype),
+    scale, safe_labels = row_scale_and_labels(labels, vocab, reduction=reduction, dtype=accumulation_dtype(logits.dtype),
                                               **weighting)
     name = resolve_backend("cross_entropy", backend, logits.device)
     loss, _ = run(cross_entropy_op, _CrossEntropyEager, logits.reshape(-1, vocab).contiguous(), safe_labels, scale,
@@ -292,7 +289,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: T
         chunk_budget_bytes = auto_chunk_budget(labels.numel(), hidden.shape[-1], weight.shape[0],
                                                hidden.element_size())
     vocab = weight.shape[0]
-    scale, safe_labels = row_scale_and_labels(labels, vocab, reduction=reduction, dtype=_acc_dtype(hidden.dtype),
+    scale, safe_labels = row_scale_and_labels(labels, vocab, reduction=reduction, dtype=accumulation_dtype(hidden.dtype),
                                               **weighting)
     name = resolve_backend("cross_entropy", backend, hidden.device)
     grad_on = torch.is_grad_enabled()

@@ -19,11 +19,9 @@ import functools
 
 import torch
 
+from fusedpeft.core.dtypes import accumulation_dtype
+
 LOGITS_CHUNK_ELEMENTS = 1 << 22  # fp32 temporaries of cross_entropy_* stay <= 16 MiB
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def active_rows(scale: torch.Tensor) -> torch.Tensor:

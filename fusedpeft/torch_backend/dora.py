@@ -33,12 +33,9 @@ from __future__ import annotations
 
 import torch
 
+from fusedpeft.core.dtypes import accumulation_dtype
 from fusedpeft.torch_backend.dropout import dropped_blocks
 from fusedpeft.torch_backend.lora import expand_onto_base
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # Rows of an [*, F] operand per block of the row-blocked passes: ~4 MiB of fp32 per temporary.
@@ -58,7 +55,7 @@ def _blocks(n_rows: int, n_cols: int):
 
 def weight_sq_norm(weight: torch.Tensor) -> torch.Tensor:
     """||W_i||^2 [D] in fp32 (fp64 for fp64 W); 16-bit W is upcast a row block at a time."""
-    acc = acc_dtype(weight.dtype)
+    acc = accumulation_dtype(weight.dtype)
     w = weight.detach()
     if w.dtype == acc:
         return torch.linalg.vector_norm(w, dim=1).square()
@@ -88,7 +85,7 @@ def weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     weight [D, K], lora_A [r, K], lora_B [D, r]; weight_sq: ||W_i||^2 [D] when cached by the
     caller (weight_sq_norm). FLOPs 2 D K r + 2 r^2 K + 2 D r^2; reads W once.
     """
-    acc = acc_dtype(weight.dtype)
+    acc = accumulation_dtype(weight.dtype)
     A = lora_A.detach().to(acc)
     B = lora_B.detach().to(acc)
     sq = weight_sq_norm(weight) if weight_sq is None else weight_sq.to(acc)
@@ -129,7 +126,7 @@ def dora_forward(x, weight, bias, lora_A, lora_B, g, scaling: float, dropout_p: 
 
 def colsum_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum_t a_tj b_tj [D] in the accumulation dtype, a row block at a time. a, b [N, D]."""
-    acc = acc_dtype(a.dtype)
+    acc = accumulation_dtype(a.dtype)
     out = torch.zeros(a.shape[1], dtype=acc, device=a.device)
     for rows in _blocks(*a.shape):
         out += (a[rows].to(acc) * b[rows].to(acc)).sum(0)
@@ -138,7 +135,7 @@ def colsum_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _unscaled_columns(x, weight, lora_B, S, scaling: float, cols: torch.Tensor) -> torch.Tensor:
     """u[:, cols] = x W[cols]^T + s S B[cols]^T [N, len(cols)] in the accumulation dtype."""
-    acc = acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     return (x.to(acc) @ weight[cols].to(acc).t()).addmm_(S.to(acc), lora_B[cols].to(acc).t(), alpha=scaling)
 
 
@@ -146,7 +143,7 @@ def expand_grads(dy, S, lora_B, g, scaling: float, need_S: bool, need_sdyS: bool
     """dS = dY (s g B) [N, r] in dY's dtype and s dY^T S [D, r] (LoRA's grad_B) in the
     accumulation dtype; None when not needed."""
     dS = dy @ (lora_B * (scaling * g)[:, None]).to(dy.dtype) if need_S else None
-    sdyS = torch.mm(S.t(), dy).t().to(acc_dtype(dy.dtype)).mul_(scaling) if need_sdyS else None
+    sdyS = torch.mm(S.t(), dy).t().to(accumulation_dtype(dy.dtype)).mul_(scaling) if need_sdyS else None
     return dS, sdyS
 
 
@@ -165,7 +162,7 @@ def backward_no_dropout(dy, x, weight, bias, lora_A, lora_B, g, out, S, dS, scal
     cost a scheduler time slice; fresh large allocations cost page faults, hence the reuse."""
     grad_A = (dS.t() @ x).to(lora_A.dtype) if need_A else None
     grad_x = torch.empty_like(x) if need_x else None
-    acc = acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     num = torch.zeros(dy.shape[1], dtype=acc, device=dy.device) if need_g else None
     A = lora_A.to(x.dtype)
     gx = g.to(x.dtype)
@@ -217,7 +214,7 @@ def dora_backward(grad_y, x, weight, bias, lora_A, lora_B, g, saved, S, scaling:
     grad_g = magnitude_grad_with_dropout(dy, saved, lora_B, sdyS, g) if need_g else None
     grad_x = dy @ weight if need_x else None
     A = lora_A.to(x.dtype)
-    acc = acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     grad_A_acc = torch.zeros(A.shape, dtype=acc, device=x.device) if need_A else None
     if need_S:
         g1 = (g - 1).to(x.dtype)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from fusedpeft.core.dtypes import accumulation_dtype
 from fusedpeft.quantized import dense_weight
 from fusedpeft.torch_backend.dropout import dropped_blocks
 
@@ -66,7 +67,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling: float, dropout_
     grad_A = None
     if dropout_p > 0.0:
         grad_x = base_input_grad(grad_y, weight, x) if need_x else None
-        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc_dtype = accumulation_dtype(x.dtype)
         grad_A_acc = torch.zeros(A.shape, dtype=acc_dtype, device=x.device) if need_A else None
         if need_x or need_A:
             for rows, multiplier, x_dropped in dropped_blocks(x, dropout_p, seed):

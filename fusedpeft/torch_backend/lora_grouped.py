@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from fusedpeft.core.dtypes import accumulation_dtype
 from fusedpeft.torch_backend.dropout import dropped_blocks
 
 
@@ -61,7 +62,7 @@ def lora_grouped_backward(grad_ys, x, weights, lora_As, lora_Bs, S, scalings, dr
     if need_S:
         dS = torch.cat(dS_parts, dim=1)
         A = torch.cat([A_i.to(x.dtype) for A_i in lora_As])
-        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc_dtype = accumulation_dtype(x.dtype)
         if dropout_p > 0.0:
             grad_x = x.new_zeros(x.shape) if need_x else None
             dA = torch.zeros(A.shape, dtype=acc_dtype, device=x.device) if need_A else None

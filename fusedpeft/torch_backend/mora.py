@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fusedpeft.core.dtypes import accumulation_dtype
 from fusedpeft.quantized import dense_weight
 from fusedpeft.torch_backend.dropout import dropped_blocks
 from fusedpeft.torch_backend.lora import add_base_input_grad_, base_input_grad
@@ -96,7 +97,7 @@ def _adapter_input_grad_add_(out: torch.Tensor, grad_y: torch.Tensor, M_x: torch
 
 def adapter_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, g: MoraGeometry) -> torch.Tensor:
     """dM [R, R] in fp32 (fp64 for fp64 inputs) from the branch input x [N, K] and grad_y [N, D]."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     if g.mora_type != 6:
         return (decompress_transpose(grad_y, g).t() @ compress(x, g)).to(acc)
     n, r = x.shape[0], g.r_hat
@@ -156,7 +157,7 @@ def mora_backward(grad_y, x, weight, M, mora_type: int, dropout_p: float, seed, 
     grad_x = base_input_grad(grad_y, weight, x) if need_x else None
     M_x = _m_in(x.dtype, M, g)
     if dropout_p > 0.0:
-        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc_dtype = accumulation_dtype(x.dtype)
         acc = torch.zeros(M.shape, dtype=acc_dtype, device=x.device) if need_M else None
         for rows, multiplier, x_dropped in dropped_blocks(x, dropout_p, seed):
             if need_M:
