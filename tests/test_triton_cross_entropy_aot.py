@@ -11,7 +11,7 @@ import pytest
 import triton.language as tl
 
 from fusedpeft.kernels.cross_entropy import CONFIGS
-from fusedpeft.kernels.cross_entropy_kernels import _ce_bwd_kernel, _ce_fwd_kernel
+from fusedpeft.kernels.cross_entropy_jit import _ce_bwd_kernel, _ce_fwd_kernel
 from triton_aot import compile_for, report_table
 
 SIGNATURES = {

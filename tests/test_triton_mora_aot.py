@@ -14,7 +14,7 @@ import pytest
 import triton.language as tl
 
 from fusedpeft.kernels import mora as tm
-from fusedpeft.kernels.mora_kernels import _mora_dm_kernel, _mora_gemm_kernel, _mora_slot_sum_kernel
+from fusedpeft.kernels.mora_jit import _mora_dm_kernel, _mora_gemm_kernel, _mora_slot_sum_kernel
 from triton_aot import compile_for, report_table
 
 TYPES = {2: "bf16", 4: "fp32", 8: "fp64"}

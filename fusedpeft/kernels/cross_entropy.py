@@ -1,5 +1,5 @@
 """The "triton" backend of the cross_entropy op family (docs/contract.md §4): launchers of the row kernels in
-``cross_entropy_kernels`` with the torch backend's API (fusedpeft/torch_backend/cross_entropy.py).
+``cross_entropy_jit`` with the torch backend's API (fusedpeft/torch_backend/cross_entropy.py).
 
 Memory and traffic choices (8192 rows, V = 128256, bf16 numbers in the report):
 
@@ -17,7 +17,7 @@ Memory and traffic choices (8192 rows, V = 128256, bf16 numbers in the report):
   buffer: one chunk x V buffer in the input dtype (2 bytes per logit in bf16).
 - cross_entropy_* never synchronise with the host.
 
-Autotuning: a few (BLOCK_V, num_warps) configs per architecture (sm_90+, and sm_80 for the rest),
+Autotuning: a few (BLOCK_V, num_warps) configs per arch class (kernels/_common.arch_class_of),
 keyed on V and the dtypes; one fixed config under TRITON_INTERPRET=1. The in-place launch
 restores the chunk buffer between benchmark runs (one clone of it, on the first call per key).
 """
@@ -28,18 +28,17 @@ import functools
 
 import torch
 import triton
-import triton.language as tl
 
-from fusedpeft.kernels._common import device_capability, for_launch, interpreting
-from fusedpeft.kernels.cross_entropy_kernels import _ce_bwd_kernel, _ce_fwd_kernel
+from fusedpeft.core.dtypes import accumulation_dtype
+from fusedpeft.kernels._common import arch_class, for_launch, interpreting, tl_accumulation_dtype
+from fusedpeft.kernels.cross_entropy_jit import _ce_bwd_kernel, _ce_fwd_kernel
 from fusedpeft.torch_backend.cross_entropy import (
-    accumulation_dtype,
     backward_by_chunks,
     chunked_linear_pass,
     forward_by_chunks,
 )
 
-# (BLOCK_V, num_warps) per architecture; every entry is AOT-compiled by
+# (BLOCK_V, num_warps) per arch class; every entry is AOT-compiled by
 # tests/test_triton_cross_entropy_aot.py for sm_90 and sm_80 without spills.
 CONFIGS = {
     90: [(4096, 8), (8192, 16), (16384, 16)],
@@ -47,15 +46,6 @@ CONFIGS = {
 }
 INTERPRETER_CONFIG = (256, 4)
 _KEY = ["V", "HAS_SOFTCAP", "ACC"]
-
-
-def _tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _arch(t: torch.Tensor) -> int:
-    major, _ = device_capability(t)
-    return 90 if major >= 9 else 80
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,10 +69,10 @@ def row_forward(logits, labels, scale, loss_out, lse_out, label_smoothing: float
     if n == 0:
         return
     src = for_launch(logits)
-    _tuned("fwd", _arch(src))[(n,)](
+    _tuned("fwd", arch_class(src))[(n,)](
         src, labels, scale, loss_out, lse_out, vocab, src.stride(0), float(label_smoothing), float(z_loss),
         1.0 if softcap is None else float(softcap), HAS_SOFTCAP=softcap is not None,
-        SMOOTHING=label_smoothing != 0.0, ACC=_tl_acc(logits.dtype))
+        SMOOTHING=label_smoothing != 0.0, ACC=tl_accumulation_dtype(logits.dtype))
 
 
 def row_backward(logits, labels, scale, lse, grad_loss, grad_out, label_smoothing: float, z_loss: float, softcap):
@@ -98,10 +88,10 @@ def row_backward(logits, labels, scale, lse, grad_loss, grad_out, label_smoothin
     src = for_launch(logits)
     dst = src if grad_out is logits else for_launch(grad_out)
     stride_grad_loss = 0 if grad_loss.numel() == 1 else grad_loss.stride(0)
-    _tuned("bwd_inplace" if dst is src else "bwd", _arch(src))[(n,)](
+    _tuned("bwd_inplace" if dst is src else "bwd", arch_class(src))[(n,)](
         src, labels, scale, lse, grad_loss, dst, vocab, src.stride(0), dst.stride(0), stride_grad_loss,
         float(label_smoothing), float(z_loss), 1.0 if softcap is None else float(softcap),
-        HAS_SOFTCAP=softcap is not None, ACC=_tl_acc(logits.dtype))
+        HAS_SOFTCAP=softcap is not None, ACC=tl_accumulation_dtype(logits.dtype))
     if dst is not grad_out:
         grad_out.copy_(dst)
 

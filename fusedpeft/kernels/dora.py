@@ -19,23 +19,26 @@ from __future__ import annotations
 import torch
 import triton
 
-from fusedpeft.kernels._common import for_launch, interpreting
+from fusedpeft.core.dtypes import accumulation_dtype
+from fusedpeft.kernels._common import (
+    arch_class,
+    dot_precision,
+    for_launch,
+    interpreting,
+    unavailable_reason,  # noqa: F401  (read by fusedpeft.backends)
+)
 from fusedpeft.kernels.dora_jit import _colsum_product_kernel, _dora_bwd_dx_kernel, _dora_fwd_kernel
 from fusedpeft.kernels.lora import (
     GROUP_M,
     INTERPRETER_GEMM_CONFIG,
-    _acc_dtype,
-    _arch_class,
     _check,
     _dropout_args,
-    _precision,
     _tuned,
     da,
     ds_db,
     gemm_configs,
     gemm_rank_block,
     shrink,
-    unavailable_reason,  # noqa: F401  (read by fusedpeft.backends)
 )
 from fusedpeft.torch_backend.dora import magnitude_grad_from_sums
 
@@ -72,7 +75,7 @@ def _launch(kernel, kind: str, dropout: bool, t: torch.Tensor, rows: int, cols: 
         grid = (triton.cdiv(rows, bm) * triton.cdiv(cols, bn),)
         kernel[grid](*args, **kwargs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=w, num_stages=s)
         return
-    tuned = _tuned(kernel, dora_configs(_arch_class(t), t.element_size(), kind, dropout), restore)
+    tuned = _tuned(kernel, dora_configs(arch_class(t), t.element_size(), kind, dropout), restore)
     tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)](*args, **kwargs)
 
 
@@ -92,7 +95,7 @@ def forward_gemm(x, weight, bias, S, B, g, scaling: float, dropout_p: float, see
             weight.stride(0), weight.stride(1), S.stride(0), B.stride(0), B.stride(1), y.stride(0),
             (V if dropout else y).stride(0), float(scaling), seed_i, p, scale)
     kwargs = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=dropout, FP64=x.dtype == torch.float64,
-                  PRECISION=_precision(x.dtype), R_BLOCK=gemm_rank_block(R))
+                  PRECISION=dot_precision(x.dtype), R_BLOCK=gemm_rank_block(R))
     _launch(_dora_fwd_kernel, "fwd", dropout, x, N, D, args, kwargs)
     return y, V
 
@@ -112,7 +115,7 @@ def dx_gemm(dy, weight, g, dS, A, dropout_p: float, seed, x=None, dA=None) -> to
             weight.stride(0), weight.stride(1), dS.stride(0), A.stride(0), A.stride(1), dx.stride(0),
             x.stride(0) if fuse_da else 0, dA.stride(0) if fuse_da else 0, seed_i, p, scale)
     kwargs = dict(HAS_DROPOUT=dropout_p > 0.0, FUSE_DA=fuse_da, FP64=dy.dtype == torch.float64,
-                  PRECISION=_precision(dy.dtype), R_BLOCK=gemm_rank_block(max(R, 1)))
+                  PRECISION=dot_precision(dy.dtype), R_BLOCK=gemm_rank_block(max(R, 1)))
     _launch(_dora_bwd_dx_kernel, "dx", dropout_p > 0.0, dy, N, K, args, kwargs, restore=("da_ptr",) * fuse_da)
     return dx
 
@@ -120,7 +123,7 @@ def dx_gemm(dy, weight, g, dS, A, dropout_p: float, seed, x=None, dA=None) -> to
 def colsum_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum_t a_tj b_tj [D] in fp32 (fp64 for fp64): a, b [N, D] with unit column stride."""
     N, D = a.shape
-    c = torch.zeros(D, dtype=_acc_dtype(a.dtype), device=a.device)
+    c = torch.zeros(D, dtype=accumulation_dtype(a.dtype), device=a.device)
     if N == 0 or D == 0:
         return c
     cfg = COLSUM_CONFIG
@@ -173,7 +176,7 @@ def dora_backward(grad_y, x, weight, bias, lora_A, lora_B, g, saved, S, scaling:
             grad_g = magnitude_grad_from_sums(num, dy, xl, for_launch(weight), lora_B, g, Sl, scaling).to(g.dtype)
     grad_x = dA = None
     if need_x:
-        dA = torch.zeros(lora_A.shape, dtype=_acc_dtype(xl.dtype), device=x.device) if need_A else None
+        dA = torch.zeros(lora_A.shape, dtype=accumulation_dtype(xl.dtype), device=x.device) if need_A else None
         grad_x = dx_gemm(dy, for_launch(weight), g.contiguous(), dS, for_launch(lora_A), dropout_p, seed, x=xl,
                          dA=dA).to(x.dtype)
     elif need_A:

@@ -25,7 +25,16 @@ import functools
 import torch
 import triton
 
-from fusedpeft.kernels._common import device_capability, for_launch, interpreting
+from fusedpeft.core.dtypes import accumulation_dtype
+from fusedpeft.kernels._common import (
+    DTYPES,
+    arch_class,
+    dot_precision,
+    for_launch,
+    interpreting,
+    sm_count,
+    unavailable_reason,
+)
 from fusedpeft.kernels.dequant import dequantize_4bit
 from fusedpeft.kernels.lora_jit import (
     _lora_bwd_da_kernel,
@@ -41,7 +50,6 @@ MAX_R_BLOCK = 128  # rank chunk of the thin kernels; larger ranks add a program 
 # fused dA live at once) within 255 registers at 128 x 128 tiles; 64 spills, and a 128x256 tile
 # spills at any rank (ptxas, sm_90).
 MAX_GEMM_R_BLOCK = 32
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), keyed by (arch class, element
 # bytes). 128x128 fp32 accumulators need 8 warps on sm_90 (4 spill, see docs/verifying.md §4). dX has
@@ -64,13 +72,12 @@ DX_CONFIGS = {
 # 64-wide tiles were the fastest for the test shapes, which still cross tile edges with them.
 INTERPRETER_GEMM_CONFIG = (64, 64, 64, 4, 1)
 GROUP_M = 8
-
-
-def unavailable_reason(device: torch.device) -> str | None:
-    """None when the kernels can run on ``device`` (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
-        return None
-    return f"the Triton LoRA kernels need CUDA tensors (got {device.type})"
+# The dA pass (without grad_x) owns one [R_BLOCK, BLOCK_K] tile of dA per program: K / BLOCK_K *
+# R / R_BLOCK tiles are often fewer than the SMs (K = 4096: 32 tiles on 132 SMs), so its N-long
+# reduction is split over up to DA_PROGRAMS_PER_SM programs per SM: at 4-8 warps each that keeps
+# 16-32 warps per SM loading x (memory-bound), for split * R * K fp32 atomics (at 8192 x 4096, r
+# = 16 on an H100: 4 MB against the 67 MB of bf16 x read).
+DA_PROGRAMS_PER_SM = 4
 
 
 def rank_block(r: int) -> int:
@@ -81,10 +88,6 @@ def rank_block(r: int) -> int:
 def gemm_rank_block(r: int) -> int:
     """Rank chunk width of the two GEMMs' prologue: rank_block(r) capped at MAX_GEMM_R_BLOCK."""
     return min(MAX_GEMM_R_BLOCK, rank_block(r))
-
-
-def _arch_class(t: torch.Tensor) -> int:
-    return 90 if device_capability(t)[0] in (9, 10) else 80
 
 
 def gemm_configs(arch: int, element_bytes: int, kind: str = "fwd") -> tuple:
@@ -113,22 +116,10 @@ def small_kernel_config(kind: str, r_block: int, interpreted: bool | None = None
     return dict(blocks, num_warps=8 if (r_block == 128 or kind == "shrink") else 4, num_stages=3)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-
-
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _tuned(kernel, configs: tuple, restore: tuple = ()):
-    """``kernel`` autotuned over ``configs`` on (D, K, R) and the dtypes (cached per config set)."""
-    return _tuned_cached(kernel, configs, restore)
-
-
-@functools.lru_cache(maxsize=None)
-def _tuned_cached(kernel, configs, restore):
+def _tuned(kernel, configs: tuple, restore: tuple):
+    """``kernel`` autotuned over ``configs`` on (D, K, R) and the dtypes (one autotuner per kernel,
+    config set and restored arguments)."""
     return triton.autotune(
         [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M), num_warps=w, num_stages=s)
          for bm, bn, bk, w, s in configs],
@@ -144,7 +135,7 @@ def _launch_gemm(kernel, t: torch.Tensor, rows: int, cols: int, args: tuple, kwa
         kernel[grid](*args, **kwargs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=w, num_stages=s)
         return
     kind = "dx" if kernel is _lora_bwd_dx_kernel else "fwd"
-    tuned = _tuned(kernel, gemm_configs(_arch_class(t), t.element_size(), kind), restore)
+    tuned = _tuned(kernel, gemm_configs(arch_class(t), t.element_size(), kind), restore)
     tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)](*args, **kwargs)
 
 
@@ -152,10 +143,6 @@ def _dropout_args(dropout_p: float, seed) -> tuple[int, float, float]:
     if dropout_p <= 0.0:
         return 0, 0.0, 1.0
     return int(seed), float(dropout_p), 1.0 / (1.0 - dropout_p)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,7 +166,7 @@ def shrink(x: torch.Tensor, A: torch.Tensor, dropout_p: float, seed, out: torch.
         return S.zero_()
     _lora_shrink_kernel[grid](x, A, S, N, K, R, x.stride(0), A.stride(0), A.stride(1), S.stride(0), seed_i, p, scale,
                               HAS_DROPOUT=dropout_p > 0.0, FP64=x.dtype == torch.float64,
-                              PRECISION=_precision(x.dtype), R_BLOCK=r_block, **cfg)
+                              PRECISION=dot_precision(x.dtype), R_BLOCK=r_block, **cfg)
     return S
 
 
@@ -197,7 +184,7 @@ def forward_gemm(x, weight, bias, S, B, scaling: float) -> torch.Tensor:
     args = (x, w, bias if bias is not None else y, S, B, y, N, D, k_base, R, x.stride(0),
             weight.stride(0) if weight is not None else 0, weight.stride(1) if weight is not None else 1,
             S.stride(0), B.stride(0), B.stride(1), y.stride(0), float(scaling))
-    kwargs = dict(HAS_BIAS=bias is not None, FP64=x.dtype == torch.float64, PRECISION=_precision(x.dtype),
+    kwargs = dict(HAS_BIAS=bias is not None, FP64=x.dtype == torch.float64, PRECISION=dot_precision(x.dtype),
                   R_BLOCK=gemm_rank_block(R))
     _launch_gemm(_lora_fwd_kernel, x, N, D, args, kwargs)
     return y
@@ -210,7 +197,7 @@ def ds_db(dy, B, S, scaling: float, need_S: bool, need_B: bool, ds_out: torch.Te
     N, D = dy.shape
     R = B.shape[1]
     dS = (dy.new_empty(N, R) if ds_out is None else ds_out) if need_S else None
-    dB = torch.zeros(D, R, dtype=_acc_dtype(dy.dtype), device=dy.device) if need_B else None
+    dB = torch.zeros(D, R, dtype=accumulation_dtype(dy.dtype), device=dy.device) if need_B else None
     if N == 0 or R == 0 or not (need_S or need_B):
         return dS, dB
     if D == 0:
@@ -223,7 +210,7 @@ def ds_db(dy, B, S, scaling: float, need_S: bool, need_B: bool, ds_out: torch.Te
     _lora_bwd_ds_db_kernel[grid](dy, B, S, ds_arg, db_arg, N, D, R, dy.stride(0), B.stride(0), B.stride(1),
                                  S.stride(0), ds_arg.stride(0), db_arg.stride(0), float(scaling),
                                  NEED_S=need_S, NEED_B=need_B, FP64=dy.dtype == torch.float64,
-                                 PRECISION=_precision(dy.dtype), R_BLOCK=r_block, **cfg)
+                                 PRECISION=dot_precision(dy.dtype), R_BLOCK=r_block, **cfg)
     return dS, dB
 
 
@@ -232,7 +219,7 @@ def da(dS, x, dropout_p: float, seed) -> torch.Tensor:
     fp32 (fp64 for fp64 x)."""
     N, K = x.shape
     R = dS.shape[1]
-    dA = torch.zeros(R, K, dtype=_acc_dtype(x.dtype), device=x.device)
+    dA = torch.zeros(R, K, dtype=accumulation_dtype(x.dtype), device=x.device)
     if N == 0 or R == 0 or K == 0:
         return dA
     seed_i, p, scale = _dropout_args(dropout_p, seed)
@@ -242,12 +229,12 @@ def da(dS, x, dropout_p: float, seed) -> torch.Tensor:
     row_blocks = triton.cdiv(N, cfg["BLOCK_M"])
     split = 1  # the N-long reduction is split over programs (fp32 atomics) to fill the GPU
     if x.is_cuda and not interpreting():
-        split = max(1, min(row_blocks, 4 * _sm_count(x.device.index or 0) // tiles))
+        split = max(1, min(row_blocks, DA_PROGRAMS_PER_SM * sm_count(x.device.index or 0) // tiles))
     rows_per_split = triton.cdiv(row_blocks, split) * cfg["BLOCK_M"]
     grid = (triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(R, r_block), triton.cdiv(N, rows_per_split))
     _lora_bwd_da_kernel[grid](dS, x, dA, N, K, R, dS.stride(0), x.stride(0), dA.stride(0), rows_per_split,
                               seed_i, p, scale, HAS_DROPOUT=dropout_p > 0.0, FP64=x.dtype == torch.float64,
-                              PRECISION=_precision(x.dtype), R_BLOCK=r_block, **cfg)
+                              PRECISION=dot_precision(x.dtype), R_BLOCK=r_block, **cfg)
     return dA
 
 
@@ -275,7 +262,7 @@ def dx_gemm(dy, weight, dS, A, dropout_p: float, seed, out: torch.Tensor | None 
             dS.stride(0) if has_lora else 0, A.stride(0) if has_lora else 0, A.stride(1) if has_lora else 0,
             dx.stride(0), x.stride(0) if fuse_da else 0, dA.stride(0) if fuse_da else 0, seed_i, p, scale)
     kwargs = dict(HAS_LORA=has_lora, HAS_DROPOUT=has_lora and dropout_p > 0.0, ACCUMULATE=accumulate,
-                  FUSE_DA=fuse_da, FP64=dy.dtype == torch.float64, PRECISION=_precision(dy.dtype),
+                  FUSE_DA=fuse_da, FP64=dy.dtype == torch.float64, PRECISION=dot_precision(dy.dtype),
                   R_BLOCK=gemm_rank_block(max(R, 1)))
     # autotuning runs the kernel repeatedly: what it accumulates into must be put back afterwards
     restore = ("dx_ptr",) * accumulate + ("da_ptr",) * fuse_da
@@ -337,7 +324,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling: float, dropout_
     dS, dB = ds_db(dy, for_launch(lora_B), Sl, scaling, need_x or need_A, need_B)
     grad_x = dA = None
     if need_x:
-        dA = torch.zeros(lora_A.shape, dtype=_acc_dtype(xl.dtype), device=x.device) if need_A else None
+        dA = torch.zeros(lora_A.shape, dtype=accumulation_dtype(xl.dtype), device=x.device) if need_A else None
         grad_x = dx_gemm(dy, for_launch(weight), dS, for_launch(lora_A), dropout_p, seed, x=xl, dA=dA).to(x.dtype)
     elif need_A:
         dA = da(dS, xl, dropout_p, seed)
@@ -390,7 +377,7 @@ def lora_grouped_backward(grad_ys, x, weights, lora_As, lora_Bs, S, scalings, dr
         start += r
     grad_x = dA = None
     if need_A:
-        dA = torch.zeros(Sl.shape[1], xl.shape[1], dtype=_acc_dtype(xl.dtype), device=x.device)
+        dA = torch.zeros(Sl.shape[1], xl.shape[1], dtype=accumulation_dtype(xl.dtype), device=x.device)
     live = [(dy, w) for dy, w in zip(dys, weights) if dy is not None]
     if need_x and live:
         A_cat = torch.cat([for_launch(A) for A in lora_As])

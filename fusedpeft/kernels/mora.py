@@ -1,4 +1,4 @@
-"""The "triton" backend of the mora op family (docs/contract.md §3, §5): launchers for kernels/mora_kernels.py.
+"""The "triton" backend of the mora op family (docs/contract.md §3, §5): launchers for kernels/mora_jit.py.
 
     y = x @ W^T + bias + decompress(compress(dropout(x)) @ M^T)        x [N, K], W [D, K], M [R, R]
 
@@ -46,15 +46,23 @@ from dataclasses import dataclass
 
 import torch
 import triton
-import triton.language as tl
 
-from fusedpeft.kernels._common import device_capability, for_launch, interpreting
+from fusedpeft.core.dtypes import accumulation_dtype
+from fusedpeft.kernels._common import (
+    DTYPES,
+    arch_class,
+    dot_precision,
+    for_launch,
+    interpreting,
+    sm_count,
+    tl_accumulation_dtype,
+    unavailable_reason,  # noqa: F401  (read by fusedpeft.backends)
+)
 from fusedpeft.kernels.dequant import dequantize_4bit
-from fusedpeft.kernels.mora_kernels import _mora_dm_kernel, _mora_gemm_kernel, _mora_slot_sum_kernel
+from fusedpeft.kernels.mora_jit import _mora_dm_kernel, _mora_gemm_kernel, _mora_slot_sum_kernel
 from fusedpeft.quantized import dense_weight
 from fusedpeft.reference import MORA_TYPES, mora_padding, mora_rope_tables
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DESIGNS = ("tile", "compressed")
 MODE_PLAIN, MODE_MERGE, MODE_SLOTS, MODE_ROPE = 0, 1, 2, 3
 
@@ -93,18 +101,16 @@ def gemm_configs(arch: int, element_bytes: int, dropout: bool, mode: int = MODE_
 # dM reduction (BLOCK_A, BLOCK_B, BLOCK_M, num_warps, num_stages) and slot sums (BLOCK_M, BLOCK_R, warps).
 # 16-bit: BLOCK_M = 64 rows spills 8 bytes on sm_90 under Triton 3.6 with RoPE and dropout; 32 does not.
 DM_CONFIGS = {2: (128, 128, 32, 8, 3), 4: (64, 64, 32, 4, 3), 8: (64, 64, 32, 4, 2)}
+# dM splits its (chunk, row block) items so that about DM_PROGRAMS_PER_SM programs run per SM in
+# all (tiles * split, 2 programs under the interpreter): each is an MMA-bound tile of 8 warps (16-bit),
+# so two per SM overlap one's loads with the other's dots; more would only add partial [R, R] fp32
+# buffers (split * R^2, written and then summed by torch).
+DM_PROGRAMS_PER_SM = 2
 SLOT_SUM_CONFIG = (64, 64, 8)  # Philox on 64 x 64 with 4 warps spills on sm_80
 INTERPRETER_GEMM_CONFIG = (64, 64, 32, 4, 1)
 INTERPRETER_DM_CONFIG = (32, 32, 32, 4, 1)
 GROUP_M = 8
 ROPE_BLOCK = 16  # width of the type-6 chunk dots (BLOCK_R); 32 spills on sm_80 (tests/test_triton_mora_aot.py)
-
-
-def unavailable_reason(device: torch.device) -> str | None:
-    """None when the kernels can run on ``device`` (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
-        return None
-    return f"the Triton MoRA kernels need CUDA tensors (got {device.type})"
 
 
 @dataclass(frozen=True)
@@ -249,23 +255,6 @@ def _with_launching(fn):
     return wrapper
 
 
-def _arch_class(t: torch.Tensor) -> int:
-    return 90 if device_capability(t)[0] in (9, 10) else 80
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-
-
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 @functools.lru_cache(maxsize=None)
 def _tuned_gemm(configs: tuple):
     return triton.autotune(
@@ -276,8 +265,7 @@ def _tuned_gemm(configs: tuple):
 
 def _dropout_args(dropout_p: float, seed, x: torch.Tensor) -> tuple:
     """(seed, p, 1 / (1 - p) as a 1-element tensor in the accumulation dtype) for the kernels."""
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    scale = torch.full((1,), 1.0 / (1.0 - dropout_p), dtype=acc_dtype, device=x.device)
+    scale = torch.full((1,), 1.0 / (1.0 - dropout_p), dtype=accumulation_dtype(x.dtype), device=x.device)
     return (int(seed), float(dropout_p), scale) if dropout_p > 0.0 else (0, 0.0, scale)
 
 
@@ -291,14 +279,15 @@ def _gemm(a, b, b_strides, out, g: Geometry, mode: int, trans: bool, drop, M=Non
             sin, *drop, n, p_cols, q, a.stride(0), b_strides[0], b_strides[1], out.stride(0),
             u.stride(0) if u is not None else 0, g.K, g.D, g.R, g.pad, g.n_chunks, g.used, g.span, g.n_tiles)
     kwargs = dict(MODE=mode, TRANS=trans, OUT_CONTIG=g.out_contig, IN_CONTIG=g.in_contig, HAS_BIAS=bias is not None,
-                  DROPOUT=dropout, ACC=_acc(a.dtype), PRECISION=_precision(a.dtype), BLOCK_R=ROPE_BLOCK)
+                  DROPOUT=dropout, ACC=tl_accumulation_dtype(a.dtype), PRECISION=dot_precision(a.dtype),
+                  BLOCK_R=ROPE_BLOCK)
     if interpreting():
         bm, bn, bk, w, s = INTERPRETER_GEMM_CONFIG
         grid = (triton.cdiv(n, bm) * triton.cdiv(p_cols, bn),)
         _mora_gemm_kernel[grid](*args, **kwargs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=w,
                                 num_stages=s)
         return out
-    tuned = _tuned_gemm(gemm_configs(_arch_class(a), a.element_size(), dropout, mode))
+    tuned = _tuned_gemm(gemm_configs(arch_class(a), a.element_size(), dropout, mode))
     tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(p_cols, meta["BLOCK_N"]),)](*args, **kwargs)
     return out
 
@@ -314,8 +303,8 @@ def _slot_sums(src, g: Geometry, along_input: bool, drop) -> torch.Tensor:
     bm, br, w = (32, 32, 4) if interpreting() else SLOT_SUM_CONFIG
     grid = (triton.cdiv(n, bm), triton.cdiv(g.R, br))
     _mora_slot_sum_kernel[grid](src, out, *drop, n, length, extended, g.R, n_iter, src.stride(0), out.stride(0),
-                                CONTIG=contig, DROPOUT=along_input and drop[1] > 0.0, ACC=_acc(src.dtype),
-                                BLOCK_M=bm, BLOCK_R=br, num_warps=w)
+                                CONTIG=contig, DROPOUT=along_input and drop[1] > 0.0,
+                                ACC=tl_accumulation_dtype(src.dtype), BLOCK_M=bm, BLOCK_R=br, num_warps=w)
     return out
 
 
@@ -329,16 +318,15 @@ def _grad_M(g_src, z_src, g: Geometry, drop, rope) -> torch.Tensor:
     tiles = triton.cdiv(r, ba) * triton.cdiv(r, bb)
     used = g.used if rope is not None else 1
     items = triton.cdiv(n, bm) * used
-    target = 2 if interpreting() else 2 * _sm_count(z_src.device.index or 0)
+    target = 2 if interpreting() else DM_PROGRAMS_PER_SM * sm_count(z_src.device.index or 0)
     split = max(1, min(items, triton.cdiv(target, tiles)))
-    acc_dtype = torch.float64 if z_src.dtype == torch.float64 else torch.float32
-    partial = torch.empty(split, r, r, dtype=acc_dtype, device=z_src.device)
+    partial = torch.empty(split, r, r, dtype=accumulation_dtype(z_src.dtype), device=z_src.device)
     cos, sin = rope if rope is not None else (z_src, z_src)
     _mora_dm_kernel[(tiles, split)](g_src, z_src, cos, sin, partial, *drop, n, r, g.K, g.D, g.n_chunks, used, g.span,
                                     g.n_tiles, split, g_src.stride(0), z_src.stride(0), ROPE=rope is not None,
-                                    DROPOUT=rope is not None and drop[1] > 0.0, ACC=_acc(z_src.dtype),
-                                    PRECISION=_precision(z_src.dtype), BLOCK_A=ba, BLOCK_B=bb, BLOCK_M=bm,
-                                    num_warps=w, num_stages=s)
+                                    DROPOUT=rope is not None and drop[1] > 0.0,
+                                    ACC=tl_accumulation_dtype(z_src.dtype), PRECISION=dot_precision(z_src.dtype),
+                                    BLOCK_A=ba, BLOCK_B=bb, BLOCK_M=bm, num_warps=w, num_stages=s)
     return partial.sum(0)
 
 
