@@ -33,6 +33,21 @@ def _tanh(x):
 
 
 @triton.jit
+def _logit_tile(row_ptr, start, cols, V, softcap, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+    """The BLOCK_V logits of a row from column ``start`` in ACC, softcapped: (offs, inside, u, t)
+    with u = softcap * t, t = tanh(z / softcap) (kept for the chain rule), or u = t = z without
+    softcap. Masked columns (offs >= V) read 0."""
+    offs = start + cols
+    inside = offs < V
+    z = tl.load(row_ptr + offs, mask=inside, other=0.0).to(ACC)
+    t = z
+    if HAS_SOFTCAP:
+        t = _tanh(z / softcap)
+        z = softcap * t
+    return offs, inside, z, t
+
+
+@triton.jit
 def _ce_fwd_kernel(logits_ptr, labels_ptr, scale_ptr, loss_ptr, lse_ptr, V, stride_row, eps, z_loss, softcap,
                    HAS_SOFTCAP: tl.constexpr, SMOOTHING: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
     """Per row: lse and the scaled loss s_t * l_t.
@@ -57,11 +72,7 @@ def _ce_fwd_kernel(logits_ptr, labels_ptr, scale_ptr, loss_ptr, lse_ptr, V, stri
     total = tl.zeros((), ACC)
     end = tl.where(active, V, 0)
     for start in range(0, end, BLOCK_V):
-        offs = start + cols
-        inside = offs < V
-        u = tl.load(row_ptr + offs, mask=inside, other=0.0).to(ACC)
-        if HAS_SOFTCAP:
-            u = softcap * _tanh(u / softcap)
+        offs, inside, u, _ = _logit_tile(row_ptr, start, cols, V, softcap, HAS_SOFTCAP, ACC)
         if SMOOTHING:
             total += tl.sum(tl.where(inside, u, 0.0), axis=0)
         u = tl.where(inside, u, float("-inf"))
@@ -110,12 +121,7 @@ def _ce_bwd_kernel(logits_ptr, labels_ptr, scale_ptr, lse_ptr, grad_loss_ptr, gr
     g_uniform = g * eps / V
     end = tl.where(active, V, 0)
     for start in range(0, end, BLOCK_V):
-        offs = start + cols
-        inside = offs < V
-        z = tl.load(row_ptr + offs, mask=inside, other=0.0).to(ACC)
-        if HAS_SOFTCAP:
-            t = _tanh(z / softcap)
-            z = softcap * t
+        offs, inside, z, t = _logit_tile(row_ptr, start, cols, V, softcap, HAS_SOFTCAP, ACC)
         grad = p_scale * tl.exp(z - lse) - g_uniform - tl.where(offs == y, g_target, 0.0)
         if HAS_SOFTCAP:
             grad = grad * (1.0 - t * t)

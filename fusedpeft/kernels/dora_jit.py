@@ -17,7 +17,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fusedpeft.kernels.lora_jit import _dropout_tile, _swizzle
+from fusedpeft.kernels.lora_jit import (
+    _acc_zeros,
+    _dropout_tile,
+    _dy_w_tiles,
+    _gemm_tile,
+    _keep_mask,
+    _rank_prologue_dx,
+    _rank_prologue_fwd,
+    _x_w_tiles,
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -31,26 +40,12 @@ def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, g_ptr, y_ptr, v_ptr, 
                      HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr,
                      R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr):
-    pid_m, pid_n = _swizzle(tl.program_id(0), N, D, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < N
-    n_ok = rn < D
-    rm64 = rm.to(tl.int64)
-    rn64 = rn.to(tl.int64)
+    rm, rn, m_ok, n_ok, rm64, rn64 = _gemm_tile(N, D, BLOCK_M, BLOCK_N, GROUP_M)
     dot_ty = x_ptr.dtype.element_ty
-    if FP64:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _acc_zeros(BLOCK_M, BLOCK_N, FP64)
     g = tl.load(g_ptr + rn, mask=n_ok, other=0.0).to(acc.dtype)
-    for r0 in range(0, R, R_BLOCK):
-        rr = r0 + tl.arange(0, R_BLOCK)
-        r_ok = rr < R
-        s = tl.load(s_ptr + rm64[:, None] * stride_sm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-        b_t = tl.load(b_ptr + rn64[None, :] * stride_bd + rr[:, None] * stride_br,
-                      mask=n_ok[None, :] & r_ok[:, None], other=0.0)
-        acc = tl.dot(s.to(dot_ty), b_t.to(dot_ty), acc, input_precision=PRECISION, out_dtype=acc.dtype)
+    acc = _rank_prologue_fwd(acc, s_ptr, b_ptr, rm64, rn64, m_ok, n_ok, R, stride_sm, stride_bd, stride_br, dot_ty,
+                             PRECISION, R_BLOCK)
     acc = acc * scaling
     if HAS_DROPOUT:
         acc = acc * g[None, :]  # g s S' B^T; x W^T is added unscaled
@@ -58,10 +53,7 @@ def _dora_fwd_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, g_ptr, y_ptr, v_ptr, 
     x_rows = x_ptr + rm64[:, None] * stride_xm
     w_cols = w_ptr + rn64[None, :] * stride_wd
     for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < K
-        x = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w_t = tl.load(w_cols + rk[:, None].to(tl.int64) * stride_wk, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        x, w_t, rk = _x_w_tiles(x_rows, w_cols, m_ok, n_ok, k0, K, stride_wk, BLOCK_K)
         acc = tl.dot(x, w_t, acc, input_precision=PRECISION, out_dtype=acc.dtype)
         if HAS_DROPOUT:
             x_dropped = _dropout_tile(x, rm, rk, K, seed, p, scale).to(dot_ty)
@@ -90,46 +82,17 @@ def _dora_bwd_dx_kernel(dy_ptr, w_ptr, g_ptr, ds_ptr, a_ptr, dx_ptr, x_ptr, da_p
                         HAS_DROPOUT: tl.constexpr, FUSE_DA: tl.constexpr, FP64: tl.constexpr,
                         PRECISION: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = _swizzle(tl.program_id(0), N, K, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < N
-    n_ok = rn < K
-    rm64 = rm.to(tl.int64)
-    rn64 = rn.to(tl.int64)
+    rm, rn, m_ok, n_ok, rm64, rn64 = _gemm_tile(N, K, BLOCK_M, BLOCK_N, GROUP_M)
     dot_ty = dy_ptr.dtype.element_ty
-    if FP64:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_DROPOUT:
-        keep = tl.rand(seed, (rm64[:, None] * K + rn[None, :]).to(tl.int32)) >= p
-    if FUSE_DA:
-        x = tl.load(x_ptr + rm64[:, None] * stride_xm + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        if HAS_DROPOUT:
-            x = tl.where(keep, x * scale, 0.0)
-        x = x.to(dot_ty)
-    for r0 in range(0, R, R_BLOCK):
-        rr = r0 + tl.arange(0, R_BLOCK)
-        r_ok = rr < R
-        ds = tl.load(ds_ptr + rm64[:, None] * stride_dsm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :],
-                     other=0.0).to(dot_ty)
-        a = tl.load(a_ptr + rr[:, None] * stride_ar + rn64[None, :] * stride_ak,
-                    mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(dot_ty)
-        acc = tl.dot(ds, a, acc, input_precision=PRECISION, out_dtype=acc.dtype)
-        if FUSE_DA:
-            part = tl.dot(tl.trans(ds), x, tl.zeros((R_BLOCK, BLOCK_N), dtype=acc.dtype), input_precision=PRECISION,
-                          out_dtype=acc.dtype)
-            tl.atomic_add(da_ptr + rr[:, None] * stride_dar + rn[None, :], part, mask=r_ok[:, None] & n_ok[None, :])
+    keep = _keep_mask(rm64, rn, K, seed, p) if HAS_DROPOUT else None
+    acc = _rank_prologue_dx(_acc_zeros(BLOCK_M, BLOCK_N, FP64), ds_ptr, a_ptr, x_ptr, da_ptr, keep, scale, rm64, rn,
+                            rn64, m_ok, n_ok, R, stride_dsm, stride_ar, stride_ak, stride_xm, stride_dar, dot_ty,
+                            HAS_DROPOUT, False, FUSE_DA, PRECISION, R_BLOCK, BLOCK_N)
     if HAS_DROPOUT:
         acc_base = tl.zeros_like(acc)  # dY W; acc collects what the mask applies to
     dy_rows = dy_ptr + rm64[:, None] * stride_dym
     for d0 in range(0, D, BLOCK_K):
-        rd = d0 + tl.arange(0, BLOCK_K)
-        d_ok = rd < D
-        dy = tl.load(dy_rows + rd[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + rd.to(tl.int64)[:, None] * stride_wd + rn64[None, :] * stride_wk,
-                    mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        dy, w, rd, d_ok = _dy_w_tiles(dy_rows, w_ptr, rn64, m_ok, n_ok, d0, D, stride_wd, stride_wk, BLOCK_K)
         g = tl.load(g_ptr + rd, mask=d_ok, other=0.0).to(acc.dtype)
         if HAS_DROPOUT:
             acc_base = tl.dot(dy, w, acc_base, input_precision=PRECISION, out_dtype=acc.dtype)
@@ -152,10 +115,7 @@ def _colsum_product_kernel(a_ptr, b_ptr, c_ptr, N, D, stride_am, stride_bm, rows
                            FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     rd = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = rd < D
-    if FP64:
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float64 if FP64 else tl.float32)
     row_start = tl.program_id(1) * rows_per_split
     row_end = min(row_start + rows_per_split, N)
     for m0 in range(row_start, row_end, BLOCK_M):

@@ -19,11 +19,33 @@ import triton.language as tl
 
 
 @triton.jit
-def _dropout_tile(t, rm, rk, K, seed, p, scale):
-    """t [BM, BK] with the docs/contract.md §5 mask of rows rm, columns rk of an [*, K] input applied."""
+def _keep_mask(rm, rk, K, seed, p):
+    """[BM, BK] True where the dropout stream (docs/contract.md §5) keeps element (rm, rk) of an
+    [*, K] input."""
     offset = (rm.to(tl.int64)[:, None] * K + rk[None, :]).to(tl.int32)  # the low 32 bits
-    keep = tl.rand(seed, offset) >= p
-    return tl.where(keep, t * scale, 0.0)
+    return tl.rand(seed, offset) >= p
+
+
+@triton.jit
+def _dropout_tile(t, rm, rk, K, seed, p, scale):
+    """t [BM, BK] with the dropout mask of rows rm, columns rk of an [*, K] input applied."""
+    return tl.where(_keep_mask(rm, rk, K, seed, p), t * scale, 0.0)
+
+
+@triton.jit
+def _program_blocks(BLOCK_0: tl.constexpr, n0, BLOCK_1: tl.constexpr, n1):
+    """This program's blocks of grid axes 0 and 1 over lengths n0, n1: (idx0 [BLOCK_0],
+    idx1 [BLOCK_1], idx0 < n0, idx1 < n1)."""
+    idx0 = tl.program_id(0) * BLOCK_0 + tl.arange(0, BLOCK_0)
+    idx1 = tl.program_id(1) * BLOCK_1 + tl.arange(0, BLOCK_1)
+    return idx0, idx1, idx0 < n0, idx1 < n1
+
+
+@triton.jit
+def _acc_zeros(ROWS: tl.constexpr, COLS: tl.constexpr, FP64: tl.constexpr):
+    """[ROWS, COLS] zeros in the accumulation dtype (fusedpeft/core/dtypes.py): fp64 for fp64
+    inputs (FP64), else fp32."""
+    return tl.zeros((ROWS, COLS), dtype=tl.float64 if FP64 else tl.float32)
 
 
 @triton.jit
@@ -40,6 +62,87 @@ def _swizzle(pid, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, 
     return pid_m, pid_n
 
 
+@triton.jit
+def _gemm_tile(n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's [BLOCK_M, BLOCK_N] tile of an [n_rows, n_cols] GEMM output (swizzled):
+    (rm, rn, m_ok, n_ok, rm64, rn64), the row / column indices, their bounds masks, int64 copies."""
+    pid_m, pid_n = _swizzle(tl.program_id(0), n_rows, n_cols, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rm, rn, rm < n_rows, rn < n_cols, rm.to(tl.int64), rn.to(tl.int64)
+
+
+@triton.jit
+def _rank_prologue_fwd(acc, s_ptr, b_ptr, rm64, rn64, m_ok, n_ok, R, stride_sm, stride_bd, stride_br, dot_ty,
+                       PRECISION: tl.constexpr, R_BLOCK: tl.constexpr):
+    """acc + S @ B^T on an output tile of the forward GEMMs: S [N, R] rows rm64 (unit column
+    stride), B [D, R] rows rn64, the rank axis in chunks of R_BLOCK, dot operands in dot_ty."""
+    for r0 in range(0, R, R_BLOCK):
+        rr = r0 + tl.arange(0, R_BLOCK)
+        r_ok = rr < R
+        s = tl.load(s_ptr + rm64[:, None] * stride_sm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        b_t = tl.load(b_ptr + rn64[None, :] * stride_bd + rr[:, None] * stride_br,
+                      mask=n_ok[None, :] & r_ok[:, None], other=0.0)
+        acc = tl.dot(s.to(dot_ty), b_t.to(dot_ty), acc, input_precision=PRECISION, out_dtype=acc.dtype)
+    return acc
+
+
+@triton.jit
+def _x_w_tiles(x_rows, w_cols, m_ok, n_ok, k0, K, stride_wk, BLOCK_K: tl.constexpr):
+    """Step k0 of a forward GEMM's K loop: (x [BLOCK_M, BLOCK_K], W^T [BLOCK_K, BLOCK_N], rk) from
+    the tile's rows of x (x_rows) and of W (w_cols), masked to K."""
+    rk = k0 + tl.arange(0, BLOCK_K)
+    k_ok = rk < K
+    x = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    w_t = tl.load(w_cols + rk[:, None].to(tl.int64) * stride_wk, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+    return x, w_t, rk
+
+
+@triton.jit
+def _rank_prologue_dx(acc, ds_ptr, a_ptr, x_ptr, da_ptr, keep, scale, rm64, rn, rn64, m_ok, n_ok, R, stride_dsm,
+                      stride_ar, stride_ak, stride_xm, stride_dar, dot_ty, HAS_DROPOUT: tl.constexpr,
+                      MASK_CHUNKS: tl.constexpr, FUSE_DA: tl.constexpr, PRECISION: tl.constexpr,
+                      R_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc + dS @ A on a [BLOCK_M, BLOCK_N] tile of dX (rows rm64, columns rn of K), the rank axis
+    in chunks of R_BLOCK; MASK_CHUNKS: each chunk's product masked by ``keep`` and scaled (else
+    added as is). FUSE_DA: also dA[:, rn] += dS^T @ x' with x' = this tile of x, masked by
+    ``keep`` (HAS_DROPOUT) and scaled, in fp32 / fp64 atomics."""
+    if FUSE_DA:
+        x = tl.load(x_ptr + rm64[:, None] * stride_xm + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(keep, x * scale, 0.0)
+        x = x.to(dot_ty)
+    for r0 in range(0, R, R_BLOCK):
+        rr = r0 + tl.arange(0, R_BLOCK)
+        r_ok = rr < R
+        ds = tl.load(ds_ptr + rm64[:, None] * stride_dsm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :],
+                     other=0.0).to(dot_ty)
+        a = tl.load(a_ptr + rr[:, None] * stride_ar + rn64[None, :] * stride_ak,
+                    mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(dot_ty)
+        if MASK_CHUNKS:
+            dxa = tl.dot(ds, a, tl.zeros_like(acc), input_precision=PRECISION, out_dtype=acc.dtype)
+            acc += tl.where(keep, dxa * scale, 0.0)
+        else:
+            acc = tl.dot(ds, a, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+        if FUSE_DA:
+            part = tl.dot(tl.trans(ds), x, tl.zeros((R_BLOCK, BLOCK_N), dtype=acc.dtype), input_precision=PRECISION,
+                          out_dtype=acc.dtype)
+            tl.atomic_add(da_ptr + rr[:, None] * stride_dar + rn[None, :], part, mask=r_ok[:, None] & n_ok[None, :])
+    return acc
+
+
+@triton.jit
+def _dy_w_tiles(dy_rows, w_ptr, rn64, m_ok, n_ok, d0, D, stride_wd, stride_wk, BLOCK_K: tl.constexpr):
+    """Step d0 of a dX GEMM's D loop: (dY [BLOCK_M, BLOCK_K], W [BLOCK_K, BLOCK_N], rd, d_ok) from
+    the tile's rows of dY (dy_rows) and columns rn64 of W, masked to D."""
+    rd = d0 + tl.arange(0, BLOCK_K)
+    d_ok = rd < D
+    dy = tl.load(dy_rows + rd[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    w = tl.load(w_ptr + rd.to(tl.int64)[:, None] * stride_wd + rn64[None, :] * stride_wk,
+                mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+    return dy, w, rd, d_ok
+
+
 # ------------------------------------------------------------------------------------------------
 # shrink: S = dropout(x) @ A^T
 #   grid (cdiv(N, BLOCK_M), cdiv(R, R_BLOCK)); each program streams its rows of x once over K.
@@ -51,14 +154,8 @@ def _lora_shrink_kernel(x_ptr, a_ptr, s_ptr, N, K, R, stride_xm, stride_ar, stri
                         seed, p, scale,
                         HAS_DROPOUT: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr,
                         R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rr = tl.program_id(1) * R_BLOCK + tl.arange(0, R_BLOCK)
-    m_ok = rm < N
-    r_ok = rr < R
-    if FP64:
-        acc = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
+    rm, rr, m_ok, r_ok = _program_blocks(BLOCK_M, N, R_BLOCK, R)
+    acc = _acc_zeros(BLOCK_M, R_BLOCK, FP64)
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -87,33 +184,14 @@ def _lora_fwd_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr, N, D, K, R,
                      stride_xm, stride_wd, stride_wk, stride_sm, stride_bd, stride_br, stride_ym, scaling,
                      HAS_BIAS: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, R_BLOCK: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = _swizzle(tl.program_id(0), N, D, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < N
-    n_ok = rn < D
-    rm64 = rm.to(tl.int64)
-    rn64 = rn.to(tl.int64)
-    dot_ty = x_ptr.dtype.element_ty
-    if FP64:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, R_BLOCK):
-        rr = r0 + tl.arange(0, R_BLOCK)
-        r_ok = rr < R
-        s = tl.load(s_ptr + rm64[:, None] * stride_sm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-        b_t = tl.load(b_ptr + rn64[None, :] * stride_bd + rr[:, None] * stride_br,
-                      mask=n_ok[None, :] & r_ok[:, None], other=0.0)
-        acc = tl.dot(s.to(dot_ty), b_t.to(dot_ty), acc, input_precision=PRECISION, out_dtype=acc.dtype)
+    rm, rn, m_ok, n_ok, rm64, rn64 = _gemm_tile(N, D, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _rank_prologue_fwd(_acc_zeros(BLOCK_M, BLOCK_N, FP64), s_ptr, b_ptr, rm64, rn64, m_ok, n_ok, R, stride_sm,
+                           stride_bd, stride_br, x_ptr.dtype.element_ty, PRECISION, R_BLOCK)
     acc = acc * scaling
     x_rows = x_ptr + rm64[:, None] * stride_xm
     w_cols = w_ptr + rn64[None, :] * stride_wd
     for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < K
-        x = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w_t = tl.load(w_cols + rk[:, None].to(tl.int64) * stride_wk, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        x, w_t, _ = _x_w_tiles(x_rows, w_cols, m_ok, n_ok, k0, K, stride_wk, BLOCK_K)
         acc = tl.dot(x, w_t, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
@@ -135,16 +213,10 @@ def _lora_bwd_ds_db_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, N, D, R,
                            stride_dym, stride_bd, stride_br, stride_sm, stride_dsm, stride_dbd, scaling,
                            NEED_S: tl.constexpr, NEED_B: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr,
                            R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rr = tl.program_id(1) * R_BLOCK + tl.arange(0, R_BLOCK)
-    m_ok = rm < N
-    r_ok = rr < R
+    rm, rr, m_ok, r_ok = _program_blocks(BLOCK_M, N, R_BLOCK, R)
     rm64 = rm.to(tl.int64)
     dot_ty = dy_ptr.dtype.element_ty
-    if FP64:
-        ds = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float64)
-    else:
-        ds = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
+    ds = _acc_zeros(BLOCK_M, R_BLOCK, FP64)
     if NEED_B:
         s = tl.load(s_ptr + rm64[:, None] * stride_sm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :],
                     other=0.0).to(dot_ty)
@@ -180,15 +252,9 @@ def _lora_bwd_da_kernel(ds_ptr, x_ptr, da_ptr, N, K, R, stride_dsm, stride_xm, s
                         seed, p, scale,
                         HAS_DROPOUT: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr,
                         R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rr = tl.program_id(1) * R_BLOCK + tl.arange(0, R_BLOCK)
-    k_ok = rk < K
-    r_ok = rr < R
+    rk, rr, k_ok, r_ok = _program_blocks(BLOCK_K, K, R_BLOCK, R)
     dot_ty = x_ptr.dtype.element_ty
-    if FP64:
-        acc = tl.zeros((R_BLOCK, BLOCK_K), dtype=tl.float64)
-    else:
-        acc = tl.zeros((R_BLOCK, BLOCK_K), dtype=tl.float32)
+    acc = _acc_zeros(R_BLOCK, BLOCK_K, FP64)
     row_start = tl.program_id(2) * rows_per_split
     row_end = min(row_start + rows_per_split, N)
     for m0 in range(row_start, row_end, BLOCK_M):
@@ -223,51 +289,18 @@ def _lora_bwd_dx_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, x_ptr, da_ptr, N, 
                         HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACCUMULATE: tl.constexpr,
                         FUSE_DA: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr, R_BLOCK: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = _swizzle(tl.program_id(0), N, K, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < N
-    n_ok = rn < K
-    rm64 = rm.to(tl.int64)
-    rn64 = rn.to(tl.int64)
-    dot_ty = dy_ptr.dtype.element_ty
+    rm, rn, m_ok, n_ok, rm64, rn64 = _gemm_tile(N, K, BLOCK_M, BLOCK_N, GROUP_M)
     out = dx_ptr + rm64[:, None] * stride_dxm + rn[None, :]
-    if FP64:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _acc_zeros(BLOCK_M, BLOCK_N, FP64)
     if HAS_LORA:
-        if HAS_DROPOUT:
-            keep = tl.rand(seed, (rm64[:, None] * K + rn[None, :]).to(tl.int32)) >= p
-        if FUSE_DA:
-            x = tl.load(x_ptr + rm64[:, None] * stride_xm + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            if HAS_DROPOUT:
-                x = tl.where(keep, x * scale, 0.0)
-            x = x.to(dot_ty)
-        for r0 in range(0, R, R_BLOCK):
-            rr = r0 + tl.arange(0, R_BLOCK)
-            r_ok = rr < R
-            ds = tl.load(ds_ptr + rm64[:, None] * stride_dsm + rr[None, :], mask=m_ok[:, None] & r_ok[None, :],
-                         other=0.0).to(dot_ty)
-            a = tl.load(a_ptr + rr[:, None] * stride_ar + rn64[None, :] * stride_ak,
-                        mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(dot_ty)
-            if HAS_DROPOUT:
-                dxa = tl.dot(ds, a, tl.zeros_like(acc), input_precision=PRECISION, out_dtype=acc.dtype)
-                acc += tl.where(keep, dxa * scale, 0.0)
-            else:
-                acc = tl.dot(ds, a, acc, input_precision=PRECISION, out_dtype=acc.dtype)
-            if FUSE_DA:
-                part = tl.dot(tl.trans(ds), x, tl.zeros((R_BLOCK, BLOCK_N), dtype=acc.dtype), input_precision=PRECISION,
-                              out_dtype=acc.dtype)
-                tl.atomic_add(da_ptr + rr[:, None] * stride_dar + rn[None, :], part, mask=r_ok[:, None] & n_ok[None, :])
+        keep = _keep_mask(rm64, rn, K, seed, p) if HAS_DROPOUT else None
+        acc = _rank_prologue_dx(acc, ds_ptr, a_ptr, x_ptr, da_ptr, keep, scale, rm64, rn, rn64, m_ok, n_ok, R,
+                                  stride_dsm, stride_ar, stride_ak, stride_xm, stride_dar, dy_ptr.dtype.element_ty,
+                                  HAS_DROPOUT, HAS_DROPOUT, FUSE_DA, PRECISION, R_BLOCK, BLOCK_N)
     if ACCUMULATE:
         acc += tl.load(out, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(acc.dtype)
     dy_rows = dy_ptr + rm64[:, None] * stride_dym
     for d0 in range(0, D, BLOCK_K):
-        rd = d0 + tl.arange(0, BLOCK_K)
-        d_ok = rd < D
-        dy = tl.load(dy_rows + rd[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + rd.to(tl.int64)[:, None] * stride_wd + rn64[None, :] * stride_wk,
-                    mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        dy, w, _, _ = _dy_w_tiles(dy_rows, w_ptr, rn64, m_ok, n_ok, d0, D, stride_wd, stride_wk, BLOCK_K)
         acc = tl.dot(dy, w, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
