@@ -37,6 +37,12 @@ from fusedpeft.torch_backend.mora_maps import (
     used_chunks,
 )
 
+# "merged" pays a fixed cost per call, one extra pass over W (W read, W + ΔW [D, K] written and read
+# again by the GEMM); "explicit" pays per row. The GEMM does 2 N FLOPs per weight element: below 64
+# rows that is under 32 FLOPs per fp32 byte of W, near or under the ridge point of CPUs (~10-30) and
+# of GPUs' fp32 units (~20), so the GEMM is mostly bound by reading W and the extra pass costs about
+# as much as the GEMM; with more rows the pass is a shrinking part. An estimate from this count, not a
+# tuned value.
 MERGED_MIN_ROWS = 64
 
 
