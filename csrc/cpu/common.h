@@ -75,8 +75,13 @@ inline void dropped_row(const scalar_t* x, acc_t* out, uint8_t* keep, const Drop
   apply_keep(x, out, keep, static_cast<acc_t>(d.keep_scale), n);
 }
 
+// Elements per parallel task: 32 K (128 KB of fp32) are several microseconds of work, so the cost of
+// handing a task to an OpenMP thread (about a microsecond) stays small; a tensor smaller than this
+// runs on one thread (at::parallel_for runs serially below one grain).
+constexpr int64_t kTaskElements = 1 << 15;
+
 // Rows per parallel task so that a task handles about `work` elements.
-inline int64_t grain_rows(int64_t row_elements, int64_t work = 1 << 15) {
+inline int64_t grain_rows(int64_t row_elements, int64_t work = kTaskElements) {
   return std::max<int64_t>(1, work / std::max<int64_t>(1, row_elements));
 }
 
