@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 
 from fusedpeft.backends import implementation, resolve_backend
+from fusedpeft.core.dtypes import accumulation_dtype
 from fusedpeft.ops._common import eager_twin, empty_result, maybe, no_autocast, run, run_backward
 from fusedpeft.ops.cross_entropy import AUTO_BUDGET_MAX_BYTES, auto_chunk_budget
 from fusedpeft.torch_backend import log_probs as torch_log_probs
-from fusedpeft.torch_backend.cross_entropy import accumulation_dtype
 
 OUTPUTS = torch_log_probs.OUTPUTS
 # chunk_budget_bytes=None: auto_chunk_budget (the linear cross-entropy's rule), but at least

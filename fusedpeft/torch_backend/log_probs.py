@@ -19,7 +19,8 @@ import functools
 
 import torch
 
-from fusedpeft.torch_backend.cross_entropy import accumulation_dtype, apply_softcap_, chunked_linear_pass
+from fusedpeft.core.dtypes import accumulation_dtype
+from fusedpeft.torch_backend.cross_entropy import apply_softcap_, chunked_linear_pass
 
 # per-token outputs in the order of the forward's stacked result
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
