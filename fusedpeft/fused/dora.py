@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fusedpeft.ops.dora import weight_norm, weight_sq_norm
-from fusedpeft.reference import lora_delta_weight
+from fusedpeft.core.lora import lora_delta_weight
 
 
 def check_dora_base(where: str, base) -> None:
