@@ -3,7 +3,7 @@
 Nothing of size x is ever stored: callers walk the rows of x[M, K] in blocks and get, per block,
 the multiplier keep / (1 - p) in x's dtype. The Philox stream in eager PyTorch costs about 120
 int64 tensor operations per element (measured ~70x slower than F.dropout on CPU), so the mask
-comes from a torch.compile'd copy of the reference formula, fused with the multiplier and the
+comes from a torch.compile'd copy of core/philox.py's formula, fused with the multiplier and the
 dropped block (one loop, same bits; one compile per process and device type, ~8 s on CPU, then
 Inductor's cache), with the keys, first row and p passed as tensors so that one graph serves
 every seed, block and p. Where compiling
