@@ -1,5 +1,5 @@
 """Guarded access to fusedpeft for the suites: which backends can run a family here, the public
-names of SPEC §1 (a Skip with the reason when one is missing), and providers that only report why
+names of docs/contract.md §1 (a Skip with the reason when one is missing), and providers that only report why
 they cannot run."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def fusedpeft_attr(name: str):
     except Exception as exc:  # noqa: BLE001
         raise Skip(f"import fusedpeft failed ({type(exc).__name__}: {exc})") from exc
     if not hasattr(fp, name):
-        raise Skip(f"fusedpeft.{name} does not exist yet (public API of SPEC §1 not landed)")
+        raise Skip(f"fusedpeft.{name} does not exist yet (public API of docs/contract.md §1 not landed)")
     return getattr(fp, name)
 
 

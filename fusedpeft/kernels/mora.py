@@ -1,8 +1,8 @@
-"""The "triton" backend of the mora op family (SPEC §3, §5): launchers for kernels/mora_kernels.py.
+"""The "triton" backend of the mora op family (docs/contract.md §3, §5): launchers for kernels/mora_kernels.py.
 
     y = x @ W^T + bias + decompress(compress(dropout(x)) @ M^T)        x [N, K], W [D, K], M [R, R]
 
-Two designs (DESIGN §2); neither forms the wrap-padded / reshaped copy of x nor ΔW [D, K]:
+Two designs (docs/architecture.md §2); neither forms the wrap-padded / reshaped copy of x nor ΔW [D, K]:
 
 - "tile" (design A): the ΔW tile is generated from M inside the base GEMM.
   Type 6: after the K loop, each output tile runs extra dots over the chunk(s) that feed it, with
