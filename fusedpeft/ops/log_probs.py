@@ -7,14 +7,17 @@ Which code runs:
   linear cross-entropy with reduction "none" (torch, cpu, cuda or triton row kernels), since
   log p_t = -l_t of the plain cross-entropy; its backward likewise, with the incoming gradient
   -g folded into the row scale.
-- other outputs asked for: torch_backend.log_probs's chunk step (all of them in one pass over the
-  vocabulary, PyTorch ops on each chunk, any device); its backward when the entropy receives a
-  gradient, else the backend's cross-entropy backward as above.
+- other outputs asked for: the forward of FORWARD_IMPLEMENTATIONS[backend] (triton: one row
+  kernel reading each chunk's logits once), else torch_backend.log_probs's chunk step (all of
+  them in one pass over the vocabulary, PyTorch ops on each chunk, any device); the backward is
+  torch_backend.log_probs's (PyTorch, every backend) when the entropy receives a gradient or a
+  temperature follows a softcap, else the backend's cross-entropy backward as above.
 Both go through torch_backend.cross_entropy.chunked_linear_pass.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -32,6 +35,8 @@ OUTPUTS = torch_log_probs.OUTPUTS
 # rows, H 512, V 32000, fp32) the aspect-ratio rule alone gave ~16-row chunks and a forward 3.6x
 # slower than TRL's own head, 256 rows 1.9x faster (fwd+bwd 2.4x). TRL's head holds a 4096 x 32768 tile.
 MIN_CHUNK_ROWS = 256
+# backends with their own linear_log_probs_forward (torch_backend.log_probs's arguments and result)
+FORWARD_IMPLEMENTATIONS = {"triton": "fusedpeft.kernels.log_probs"}
 
 
 def _wanted(outputs: int) -> list[bool]:
@@ -57,8 +62,10 @@ def _linear_log_probs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
                 False, False, False)
             zeros = torch.zeros_like(loss)
             return -loss, zeros, zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
-        stats = torch_log_probs.linear_log_probs_forward(hidden, weight, bias, targets, row_mask, _wanted(outputs),
-                                                         inv_temperature, softcap, chunk_budget_bytes)
+        module = importlib.import_module(FORWARD_IMPLEMENTATIONS[backend]) if backend in FORWARD_IMPLEMENTATIONS \
+            else torch_log_probs
+        stats = module.linear_log_probs_forward(hidden, weight, bias, targets, row_mask, _wanted(outputs),
+                                                inv_temperature, softcap, chunk_budget_bytes)
     return tuple(stats[index].clone() for index in range(6))
 
 
