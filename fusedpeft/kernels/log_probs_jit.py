@@ -78,8 +78,8 @@ def _log_probs_fwd_kernel(logits_ptr, targets_ptr, rows_ptr, log_probs_ptr, stat
         alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf)
         e = tl.exp(z - m_new)  # 0 outside the row
         if ENTROPY:
-            shift = tl.where(d > 0.0, (m - m_new) * d, 0.0)  # d = 0 on the first tile: no -inf * 0
-            a = alpha * (a + shift) + tl.sum(tl.where(inside, e * (z - m_new), 0.0), axis=0)
+            shift = (tl.where(d > 0.0, m, m_new) - m_new) * d  # 0 on the first tile (no -inf * 0)
+            a = alpha * (a + shift) + tl.sum(e * tl.where(inside, z - m_new, 0.0), axis=0)
         if LOG_SUM_SQ:
             q = alpha * alpha * q + tl.sum(e * e, axis=0)
         d = d * alpha + tl.sum(e, axis=0)
