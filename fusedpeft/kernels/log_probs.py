@@ -21,9 +21,10 @@ from fusedpeft.kernels.log_probs_jit import _log_probs_fwd_kernel
 from fusedpeft.torch_backend.cross_entropy import accumulation_dtype, chunked_linear_pass
 
 # every entry is AOT-compiled by tests/test_triton_log_probs_aot.py for its arch without spills
+# (also with an odd V; (8192, 16) spilled 8 bytes there on sm_90, Triton 3.8)
 CONFIGS = {
-    90: [(4096, 8), (8192, 16)],
-    80: [(4096, 8), (8192, 16)],
+    90: [(2048, 4), (4096, 8)],
+    80: [(2048, 4), (4096, 8)],
 }
 INTERPRETER_CONFIG = (32, 1)
 
