@@ -33,9 +33,10 @@ def _log_probs_fwd_kernel(logits_ptr, targets_ptr, rows_ptr, log_probs_ptr, stat
                           softcap, inv_temperature, ENTROPY: tl.constexpr, LOG_SUM_SQ: tl.constexpr, MEAN: tl.constexpr,
                           TOP1: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     """Per program t (a row of the chunk): log p_y into log_probs_ptr[t], and into column
-    r = rows_ptr[t] of stats [6, stride_stat]: row 1 entropy, 2 log sum p^2, 3 mean logit, 4 is_top1
-    (1.0 / 0.0), each only when its constexpr flag is set (the caller zeroes stats), and row 5 lse. Row 0 is
-    left to the caller. targets_ptr is indexed by r too (values in [0, V), clamped again here).
+    r = rows_ptr[t] of stats [6, stride_stat]: row 1 entropy, 2 log sum p^2, 3 mean logit,
+    4 is_top1 (1.0 / 0.0), each only when its constexpr flag is set (the caller zeroes stats), and
+    row 5 lse; row 0 is left to the caller. targets_ptr is indexed by r too (values in [0, V),
+    clamped again here). ACC, the accumulation dtype, is stats' dtype.
 
     Algorithm: one sweep over V in BLOCK_V tiles keeping, relative to the running max m,
       d = sum e_j, a = sum e_j (z_j - m), q = sum e_j^2 (e_j = exp(z_j - m)), the sum of z and the
@@ -43,13 +44,16 @@ def _log_probs_fwd_kernel(logits_ptr, targets_ptr, rows_ptr, log_probs_ptr, stat
       d <- alpha d, a <- alpha (a + (m - m') d), q <- alpha^2 q   (online softmax, Milakov &
     Gimelshein 2018, extended to the entropy's sum p (z - m)). Then lse = m + log d,
     H = log d - a / d (the torch backend's lse - sum p d, no cancellation against m),
-    log sum p^2 = log q - 2 log d, mean = sum z / V; z_y is one scalar load.
-    Cost per row: V reads of the input dtype (the only pass over the chunk's logits; the torch
-    step makes ~5 passes over a [rows, V] ACC copy), V exp, ~4 V FLOP for lse, +3 V for the
-    entropy, +2 V for log sum p^2, +1 V for the mean, +3 V (compare, select, min) for is_top1,
-    +V exp and ~6 V for softcap, +V for a temperature. Minimum bytes = n V itemsize + 8 * 6 n (ids,
-    targets, five stats of 4 bytes each and log p): the floor for statistics of every logit.
-    Limits: none on V (looped); int64 row offsets.
+    log sum p^2 = log q - 2 log d, mean = sum z / V; z_y is one scalar load (a cached re-read).
+    Cost per row: V reads of the input dtype, the only pass over the chunk's logits (the torch
+    step reads and writes fp32 [rows, V] temporaries about ten times with every output asked);
+    V exp and ~4 V FLOP for lse, +3 V FLOP for the entropy, +2 V for log sum p^2, +1 V for the
+    mean, +3 V (compare, select, min) for is_top1, +V for the temperature, +V exp and ~8 V for
+    softcap. Minimum bytes = n V itemsize + 40 n (row id and target int64, log p and five fp32
+    stats): the floor for statistics of every logit. In bf16 with every output: ~7 FLOP and 0.5
+    exp per byte (1 exp per byte with softcap); an H100 at full bandwidth (3.35 TB/s) affords ~20
+    fp32 FLOP and ~1.2 exp (16 SFU ops per SM per clock) per byte: memory-bound, softcap near the
+    exp limit (estimates, not measured: no GPU here). Limits: none on V (looped); int64 row offsets.
     """
     ACC: tl.constexpr = stats_ptr.dtype.element_ty
     t = tl.program_id(0).to(tl.int64)
