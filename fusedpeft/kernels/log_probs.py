@@ -27,13 +27,14 @@ CONFIGS = {
     80: [(2048, 4), (4096, 8)],
 }
 INTERPRETER_CONFIG = (32, 1)
+_KEY = ["V", "ENTROPY", "LOG_SUM_SQ", "MEAN", "TOP1", "HAS_SOFTCAP"]
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned(arch: int):
     pairs = [INTERPRETER_CONFIG] if interpreting() else CONFIGS[arch]
     configs = [triton.Config({"BLOCK_V": block}, num_warps=warps) for block, warps in pairs]
-    return triton.autotune(configs=configs, key=["V", "ENTROPY", "LOG_SUM_SQ", "MEAN", "TOP1", "HAS_SOFTCAP"])(_log_probs_fwd_kernel)
+    return triton.autotune(configs=configs, key=_KEY)(_log_probs_fwd_kernel)
 
 
 def row_log_probs(logits, targets, rows, stats, wanted, inv_temperature: float, softcap):
@@ -55,6 +56,7 @@ def row_log_probs(logits, targets, rows, stats, wanted, inv_temperature: float, 
 
 
 def _forward_step(make_logits, rows, scale, with_grad, *, targets, stats, wanted, softcap, inv_temperature):
+    """chunked_linear_pass's chunk step: the chunk's logits (input dtype), one kernel launch."""
     logits = make_logits()
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
