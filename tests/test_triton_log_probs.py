@@ -25,8 +25,8 @@ def _inputs(n, h, v, dtype, seed, integer=False):
     return hidden, weight, bias, labels
 
 
-@pytest.mark.parametrize("vocab", [5, 2 * BLOCK_V, 3 * BLOCK_V + 13])
-@pytest.mark.parametrize("temperature,softcap", CASES)
+@pytest.mark.parametrize("vocab,temperature,softcap", [(5, 1.0, None), (2 * BLOCK_V, 0.7, 3.0),
+                                                       (3 * BLOCK_V + 13, 1.3, None), (3 * BLOCK_V + 13, 0.7, 3.0)])
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 1e-5)])
 def test_outputs_match_float64_reference(vocab, temperature, softcap, dtype, atol):
     hidden, weight, bias, labels = _inputs(9, 8, vocab, dtype, seed=vocab)
