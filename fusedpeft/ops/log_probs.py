@@ -7,11 +7,12 @@ Which code runs:
   linear cross-entropy with reduction "none" (torch, cpu, cuda or triton row kernels), since
   log p_t = -l_t of the plain cross-entropy; its backward likewise, with the incoming gradient
   -g folded into the row scale.
-- other outputs asked for: the forward of FORWARD_IMPLEMENTATIONS[backend] (triton: one row
-  kernel reading each chunk's logits once), else torch_backend.log_probs's chunk step (all of
-  them in one pass over the vocabulary, PyTorch ops on each chunk, any device); the backward is
-  torch_backend.log_probs's (PyTorch, every backend) when the entropy receives a gradient or a
-  temperature follows a softcap, else the backend's cross-entropy backward as above.
+- otherwise (other outputs, or a temperature after a softcap): the forward of
+  FORWARD_IMPLEMENTATIONS[backend] (triton: one row kernel reading each chunk's logits once),
+  else torch_backend.log_probs's chunk step (all of them in one pass over the vocabulary,
+  PyTorch ops on each chunk, any device); the backward is torch_backend.log_probs's (PyTorch,
+  every backend) when the entropy receives a gradient or a temperature follows a softcap, else
+  the backend's cross-entropy backward as above.
 Both go through torch_backend.cross_entropy.chunked_linear_pass.
 """
 
