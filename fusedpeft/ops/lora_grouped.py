@@ -172,7 +172,7 @@ class _GroupedEager(torch.autograd.Function):
 def lora_linear_grouped(x: Tensor, weights, biases, lora_As, lora_Bs, scalings, dropout_p: float = 0.0,
                         seed: Tensor | None = None, backend: str | None = None) -> list[Tensor]:
     """x [..., K] -> [y_i [..., D_i] for each layer]. Inputs are assumed validated
-    (fusedpeft.fused.lora_group does it).
+    (fusedpeft.fused.lora_grouped does it).
 
     weights[i] [D_i, K]; biases[i] [D_i] | None; lora_As[i] [r_i, K]; lora_Bs[i] [D_i, r_i];
     scalings[i] float; seed: 0-dim int64 CPU tensor, required when dropout_p > 0 (one mask for the
