@@ -161,3 +161,32 @@ def test_eager_twins_are_used_and_pass_gradcheck():
         torch.autograd.gradcheck(
             lambda h, w: ce_ops.linear_cross_entropy(h, w, labels, reduction=reduction, chunk_budget_bytes=200),
             (hidden, head))
+
+
+def _fusedpeft_ops() -> set[str]:
+    return {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("fusedpeft::")}
+
+
+def test_import_fusedpeft_registers_every_op():
+    """A fresh interpreter with only ``import fusedpeft`` has every fusedpeft:: op registered (a
+    torch.export-ed graph holding one must load without importing the module that defines it);
+    "every op" = what importing every module of the package registers."""
+    import importlib
+    import pkgutil
+    import subprocess
+    import sys
+
+    import fusedpeft
+
+    for module in pkgutil.walk_packages(fusedpeft.__path__, "fusedpeft."):
+        try:
+            importlib.import_module(module.name)
+        except ImportError:  # an optional dependency missing here: whatever it registers is not expected
+            pass
+    every = _fusedpeft_ops()
+    assert "fusedpeft::lora_linear_grouped" in every
+    code = ("import torch, fusedpeft\n"
+            "print(*sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith('fusedpeft::')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(fusedpeft.__file__)))
+    assert set(out.stdout.split()) == every
