@@ -76,6 +76,15 @@ def test_mora_op(backend, mora_type, k, d, r_hat, dropout_p):
 @pytest.mark.parametrize("mora_type", [1, 6])
 def test_mora_op_merged_strategy_gradcheck(backend, mora_type):
     """Enough rows that the torch backend takes the merged-weight strategy."""
+    weights, biases = [weight, weight[:20]], [b, None]
+    As, Bs = [A, A[:3].detach().clone().requires_grad_()], [B, B[:20, :3].detach().clone().requires_grad_()]
+    ys = grouped_ops.lora_linear_grouped(x, weights, biases, As, Bs, [scaling, 2.0], p, seed, backend="torch")
+    assert all(_ran_eagerly(y, "lora_linear_grouped") for y in ys)
+    torch.autograd.gradcheck(
+        lambda x, *ab: tuple(grouped_ops.lora_linear_grouped(x, weights, biases, ab[:2], ab[2:], [scaling, 2.0], p,
+                                                             seed, backend="torch")),
+        (x, *As, *Bs))
+
     x, weight, bias, M, t, p, seed = _mora_inputs(torch.float64, mora_type, 13, 29, 6, 0.0, rows=70)
     torch.autograd.gradcheck(lambda x, M: mora_linear_op(x, weight, bias, M, t, p, seed, backend), (x, M))
 
@@ -135,7 +144,8 @@ def _ran_eagerly(out: torch.Tensor, name: str) -> bool:
 
 
 def test_eager_twins_are_used_and_pass_gradcheck():
-    from fusedpeft.ops import cross_entropy as ce_ops, lora as lora_ops, mora as mora_ops
+    from fusedpeft.ops import cross_entropy as ce_ops, lora as lora_ops, lora_grouped as grouped_ops
+    from fusedpeft.ops import mora as mora_ops
 
     x, weight, b, A, B, scaling, p, seed = _lora_inputs(torch.float64, 0.25)
     y = lora_ops.lora_linear(x, weight, b, A, B, scaling, p, seed, backend="torch")
