@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from fusedpeft.torch_backend.lora import expand_onto_base, lora_B_grad, shrink, shrink_grads, shrink_output_grad
+from fusedpeft.host.lora import expand_onto_base, lora_B_grad
+from fusedpeft.torch_backend.lora import shrink, shrink_grads, shrink_output_grad
 
 
 def lora_grouped_forward(x, weights, biases, lora_As, lora_Bs, scalings, dropout_p: float, seed):
