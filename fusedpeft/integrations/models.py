@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from fusedpeft.fused._adapter import AdapterLinear
+from fusedpeft.fused import AdapterLinear
 from fusedpeft.fused.lora import LoRALinear
 from fusedpeft.fused.mora import MoRALinear
 from fusedpeft.integrations.checkpoints import install_checkpointing
