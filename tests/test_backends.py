@@ -50,13 +50,13 @@ def test_environment_variable_sets_the_default(monkeypatch):
     assert fp.LoRALinear(nn.Linear(4, 4), r=2, backend="torch")(x).shape == (3, 4)  # the argument wins
 
 
-@pytest.mark.parametrize("name", ["triton", "cpu"])
-def test_forced_backend_without_implementation_says_why(name):
-    reason = backends.unavailable_reason(name, "mora", torch.device("cpu"))
-    if reason is None:
-        pytest.skip(f"{name} implements mora here")
-    with pytest.raises(RuntimeError, match=f"backend '{name}' cannot run fusedpeft mora ops"):
-        fp.MoRALinear(nn.Linear(8, 8), r=1, backend=name)(torch.randn(2, 8))
+def test_forced_backend_without_implementation_says_why():
+    """A (family, backend) pair with no implementation (DoRA has no CUDA-extension one) says so."""
+    assert ("dora", "cuda") not in backends.IMPLEMENTATIONS
+    reason = "fusedpeft has no 'cuda' implementation of dora yet"
+    assert backends.unavailable_reason("cuda", "dora", torch.device("cuda")) == reason
+    with pytest.raises(RuntimeError, match=f"backend 'cuda' cannot run fusedpeft dora ops on cpu tensors: {reason}"):
+        fp.LoRALinear(nn.Linear(8, 8), r=1, use_dora=True, backend="cuda")(torch.randn(2, 8))
 
 
 def _imported_modules(path) -> set[str]:

@@ -64,11 +64,12 @@ def loss_and_probs_(z, labels, label_smoothing: float, z_loss: float):
     return loss, lse
 
 
-def probs_to_grad_(p, labels, scale, lse, label_smoothing: float, z_loss: float, tanh, softcap):
+def probs_to_grad_(p, labels, scale, lse, label_smoothing: float, z_loss: float, tanh):
     """p [n, V] (softmax) <- d(scale_t * l_t)/d(raw logits) in place.
 
     dl/dz_j = p_j (1 + 2 z_loss lse) - (1 - eps) [j == y] - eps / V, then the softcap chain rule
-    (1 - tanh^2). The target column is recomputed from p in the accumulation dtype.
+    (1 - tanh^2) when tanh = tanh(z / softcap) [n, V] (apply_softcap_; None without softcap). The
+    target column is recomputed from p in the accumulation dtype.
     """
     p.mul_((scale * (1.0 + 2.0 * z_loss * lse)).unsqueeze(1))
     if label_smoothing:
@@ -115,7 +116,7 @@ def cross_entropy_backward(grad_loss, logits, labels, row_scale, lse, label_smoo
         rows_lse = lse.index_select(0, idx)
         z.sub_(rows_lse.unsqueeze(1)).exp_()
         probs_to_grad_(z, labels.index_select(0, idx), scale.index_select(0, idx), rows_lse, label_smoothing,
-                       z_loss, tanh, softcap)
+                       z_loss, tanh)
         grad.index_copy_(0, idx, z.to(logits.dtype))
     return grad
 
@@ -130,7 +131,7 @@ def _chunk_loss(make_logits, labels, scale, with_grad: bool, label_smoothing: fl
     rows_loss, lse = loss_and_probs_(z, labels, label_smoothing, z_loss)
     if not with_grad:
         return rows_loss, None
-    probs_to_grad_(z, labels, scale, lse, label_smoothing, z_loss, tanh, softcap)
+    probs_to_grad_(z, labels, scale, lse, label_smoothing, z_loss, tanh)
     return rows_loss, z
 
 
