@@ -17,10 +17,9 @@ import fusedpeft._C  # noqa: F401  (registers torch.ops.fusedpeft_C)
 from fusedpeft.cpp_backend import unavailable_reason  # noqa: F401  (read by fusedpeft.backends)
 from fusedpeft.host.cross_entropy import (
     accumulation_dtype,
-    backward_by_chunks,
+    by_chunks,
     chunk_bytes_per_logit,
     chunked_linear_pass,
-    forward_by_chunks,
 )
 
 _ops = torch.ops.fusedpeft_C
@@ -79,11 +78,5 @@ def linear_cross_entropy_pass(hidden, weight, bias, labels, scale, label_smoothi
                                need_hidden, need_weight, need_bias)
 
 
-def linear_cross_entropy_forward(*args):
-    """host.cross_entropy.forward_by_chunks with this module's pass (same arguments)."""
-    return forward_by_chunks(linear_cross_entropy_pass, *args)
-
-
-def linear_cross_entropy_backward(*args):
-    """host.cross_entropy.backward_by_chunks with this module's pass (same arguments)."""
-    return backward_by_chunks(linear_cross_entropy_pass, *args)
+# the backend API of fusedpeft.ops.cross_entropy on this module's pass
+linear_cross_entropy_forward, linear_cross_entropy_backward = by_chunks(linear_cross_entropy_pass)

@@ -7,6 +7,8 @@ logit (torch: fusedpeft/torch_backend/cross_entropy.py; cpu: cpp_backend; triton
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -158,3 +160,9 @@ def backward_by_chunks(run_pass, grad_loss, hidden, weight, bias, labels, row_sc
     _, *grads = run_pass(hidden, weight, bias, labels, scale, label_smoothing, z_loss, softcap, chunk_budget_bytes,
                          need_hidden, need_weight, need_bias)
     return grads
+
+
+def by_chunks(run_pass):
+    """A backend's (linear_cross_entropy_forward, linear_cross_entropy_backward): forward_by_chunks
+    and backward_by_chunks on its ``run_pass`` (linear_cross_entropy_pass's arguments and returns)."""
+    return functools.partial(forward_by_chunks, run_pass), functools.partial(backward_by_chunks, run_pass)

@@ -34,9 +34,8 @@ from fusedpeft.kernels._common import device_capability, for_launch, interpretin
 from fusedpeft.kernels.cross_entropy_kernels import _ce_bwd_kernel, _ce_fwd_kernel
 from fusedpeft.host.cross_entropy import (
     accumulation_dtype,
-    backward_by_chunks,
+    by_chunks,
     chunked_linear_pass,
-    forward_by_chunks,
 )
 
 # (BLOCK_V, num_warps) per architecture; every entry is AOT-compiled by
@@ -167,11 +166,5 @@ def linear_cross_entropy_pass(hidden, weight, bias, labels, scale, label_smoothi
                                scale, chunk_budget_bytes, need_hidden, need_weight, need_bias)
 
 
-def linear_cross_entropy_forward(*args):
-    """host.cross_entropy.forward_by_chunks with this module's pass (same arguments)."""
-    return forward_by_chunks(linear_cross_entropy_pass, *args)
-
-
-def linear_cross_entropy_backward(*args):
-    """host.cross_entropy.backward_by_chunks with this module's pass (same arguments)."""
-    return backward_by_chunks(linear_cross_entropy_pass, *args)
+# the backend API of fusedpeft.ops.cross_entropy on this module's pass
+linear_cross_entropy_forward, linear_cross_entropy_backward = by_chunks(linear_cross_entropy_pass)

@@ -23,10 +23,9 @@ import torch
 from fusedpeft.host.cross_entropy import (
     accumulation_dtype,
     active_rows,
-    backward_by_chunks,
+    by_chunks,
     chunk_bytes_per_logit,
     chunked_linear_pass,
-    forward_by_chunks,
 )
 
 LOGITS_CHUNK_ELEMENTS = 1 << 22  # fp32 temporaries of cross_entropy_* stay <= 16 MiB
@@ -150,11 +149,5 @@ def linear_cross_entropy_pass(hidden, weight, bias, labels, scale, label_smoothi
                                need_hidden, need_weight, need_bias)
 
 
-def linear_cross_entropy_forward(*args):
-    """forward_by_chunks with this module's pass (same arguments after run_pass)."""
-    return forward_by_chunks(linear_cross_entropy_pass, *args)
-
-
-def linear_cross_entropy_backward(*args):
-    """backward_by_chunks with this module's pass (same arguments after run_pass)."""
-    return backward_by_chunks(linear_cross_entropy_pass, *args)
+# the backend API of fusedpeft.ops.cross_entropy on this module's pass
+linear_cross_entropy_forward, linear_cross_entropy_backward = by_chunks(linear_cross_entropy_pass)
