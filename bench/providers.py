@@ -1,5 +1,5 @@
 """Guarded access to fusedpeft for the suites: which backends can run a family here, the public
-names of SPEC §1 (a Skip with the reason when one is missing), and providers that only report why
+names of docs/contract.md §1 (a Skip with the reason when one is missing), and providers that only report why
 they cannot run."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """fusedpeft: fused LoRA / MoRA linear layers and masked / weighted cross-entropy for fine-tuning.
 
-Public API (SPEC §1): the layers LoRALinear and MoRALinear, the losses masked_cross_entropy /
+Public API (docs/contract.md §1): the layers LoRALinear and MoRALinear, the losses masked_cross_entropy /
 linear_cross_entropy and their modules, delta_weight / merge / unmerge, available_backends(),
 and the model-level integrations (apply_lora, apply_mora, from_peft, save_adapter, load_adapter,
 merge_adapters, patch_causal_lm, InstructionCollator, ReMoRACallback, group_lora_projections). The integrations import

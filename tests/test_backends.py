@@ -1,4 +1,4 @@
-"""Backend selection (SPEC §1): automatic choice, FUSEDPEFT_BACKEND, forced backends and reasons."""
+"""Backend selection (docs/contract.md §1): automatic choice, FUSEDPEFT_BACKEND, forced backends and reasons."""
 
 import pytest
 import torch

@@ -1,8 +1,8 @@
-"""LoRALinear(use_dora=True) (SPEC §8) against PEFT's DoRA layer on CPU, every CPU backend.
+"""LoRALinear(use_dora=True) (docs/contract.md §8) against PEFT's DoRA layer on CPU, every CPU backend.
 
 PEFT (``get_peft_model`` with ``use_dora=True``) is the oracle for the forward and every gradient
 (x, A, B, the magnitude) with dropout 0; with dropout > 0, PEFT's own DoRA formula
-(``DoraLinearLayer.forward`` on the dropped-out x) is evaluated with our SPEC §5 mask.
+(``DoraLinearLayer.forward`` on the dropped-out x) is evaluated with our docs/contract.md §5 mask.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Masked / weighted cross-entropy (SPEC §4) on the C++ row kernels.
+"""Masked / weighted cross-entropy (docs/contract.md §4) on the C++ row kernels.
 
 Same API as fusedpeft.torch_backend.cross_entropy. The row kernel (csrc/cpu/cross_entropy.cpp,
 csrc/cuda/kernels.cu) computes the online logsumexp per row in fp32 (fp64 for fp64 logits) and

@@ -1,4 +1,4 @@
-"""DoRA on the C++ kernels: LoRA's shrink kernels (in-kernel SPEC §5 dropout) and ATen GEMMs.
+"""DoRA on the C++ kernels: LoRA's shrink kernels (in-kernel docs/contract.md §5 dropout) and ATen GEMMs.
 
 Same API and formulas as fusedpeft.torch_backend.dora (see there for what is saved and why).
 Forward:  p = 0: as the torch path (plain ATen GEMMs, one in-place pass y = g * u + bias).

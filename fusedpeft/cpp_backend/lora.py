@@ -1,7 +1,7 @@
 """LoRA on the C++ kernels: shrink with in-kernel dropout, ATen GEMMs accumulating in place.
 
 Same API as fusedpeft.torch_backend.lora.
-Forward:  S = dropout(x) @ A^T (fusedpeft_C::lora_shrink, the SPEC §5 mask generated per element
+Forward:  S = dropout(x) @ A^T (fusedpeft_C::lora_shrink, the docs/contract.md §5 mask generated per element
           in the kernel; plain ATen mm without dropout); y = bias + scaling * S @ B^T (one addmm
           writes y), then y += x @ W^T as the base GEMM's own beta = 1 accumulation (addmm_).
 Backward: dS = scaling * dY @ B and dB = scaling * S^T dY (on CPU from one blocked pass over dY,

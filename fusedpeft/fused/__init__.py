@@ -1,4 +1,4 @@
-"""Drop-in nn.Modules and functionals: the public layer of fusedpeft (SPEC §1)."""
+"""Drop-in nn.Modules and functionals: the public layer of fusedpeft (docs/contract.md §1)."""
 
 from fusedpeft.fused._adapter import AdapterLinear
 from fusedpeft.fused._checks import FLOAT_DTYPES, check_loss_options, check_normalize, check_positive_int

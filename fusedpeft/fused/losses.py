@@ -1,4 +1,4 @@
-"""Masked / weighted cross-entropy (SPEC §4): functionals and their nn.Module forms.
+"""Masked / weighted cross-entropy (docs/contract.md §4): functionals and their nn.Module forms.
 
 Labels are aligned with the rows (no shifting inside). The loss is float32 whatever the input
 dtype. w_t = 0 on ignore_index, else 1 x instruction_weight where instruction_mask is True x

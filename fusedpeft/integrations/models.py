@@ -1,5 +1,5 @@
 """Model-level adapters: apply_lora / apply_mora swap target nn.Linear layers of any model for the
-fused layers; merge_adapters folds them back into plain nn.Linear layers (SPEC §1)."""
+fused layers; merge_adapters folds them back into plain nn.Linear layers (docs/contract.md §1)."""
 
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ def apply_lora(model: nn.Module, target_modules=None, r: int = 8, alpha: float =
             name equals a name or ends with "." + name ("q_proj", "self_attn.q_proj", ...).
             A peft.LoraConfig here stands for target_modules, r, lora_alpha, lora_dropout,
             use_rslora, use_dora and init_lora_weights (options fusedpeft lacks raise ValueError).
-        r, alpha, dropout: rank, scaling numerator and adapter dropout p (SPEC §2); PEFT's names
+        r, alpha, dropout: rank, scaling numerator and adapter dropout p (docs/contract.md §2); PEFT's names
             lora_alpha / lora_dropout are accepted for alpha / dropout.
         **kw: passed to LoRALinear: use_rslora, init ("kaiming" / "gaussian"), backend, use_dora
             (DoRA: adds a trainable magnitude lora_magnitude_vector [out] per layer).
@@ -190,7 +190,7 @@ def apply_mora(model: nn.Module, target_modules=None, r: int = 8, mora_type: int
     """Replace every target nn.Linear of ``model`` by a MoRALinear wrapping it, freeze everything else.
 
     Args: as apply_lora; r is the LoRA rank whose parameter count each layer's M [r_hat, r_hat]
-    matches (r_hat per layer, SPEC §3); mora_type in {1, 2, 3, 4, 6}; **kw: backend.
+    matches (r_hat per layer, docs/contract.md §3); mora_type in {1, 2, 3, 4, 6}; **kw: backend.
     Returns the same model; M is zero-initialised on the base weight's device (float32 next to a
     16-bit base weight). A layer for which r gives an invalid r_hat raises ValueError naming it,
     before any layer is swapped.

@@ -1,4 +1,4 @@
-"""The "triton" backend of the cross_entropy op family (SPEC §4): launchers of the row kernels in
+"""The "triton" backend of the cross_entropy op family (docs/contract.md §4): launchers of the row kernels in
 ``cross_entropy_kernels`` with the torch backend's API (fusedpeft/torch_backend/cross_entropy.py).
 
 Memory and traffic choices (8192 rows, V = 128256, bf16 numbers in the report):

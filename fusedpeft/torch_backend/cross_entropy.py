@@ -1,4 +1,4 @@
-"""Masked / weighted cross-entropy (SPEC §4) on the PyTorch path, chunked and in place.
+"""Masked / weighted cross-entropy (docs/contract.md §4) on the PyTorch path, chunked and in place.
 
 Per row t: w_t already folded with the reduction's normaliser into ``row_scale[t]`` by the op
 layer, so every function here computes sum_t row_scale[t] * l_t (or the per-row products).
