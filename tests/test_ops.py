@@ -76,15 +76,6 @@ def test_mora_op(backend, mora_type, k, d, r_hat, dropout_p):
 @pytest.mark.parametrize("mora_type", [1, 6])
 def test_mora_op_merged_strategy_gradcheck(backend, mora_type):
     """Enough rows that the torch backend takes the merged-weight strategy."""
-    weights, biases = [weight, weight[:20]], [b, None]
-    As, Bs = [A, A[:3].detach().clone().requires_grad_()], [B, B[:20, :3].detach().clone().requires_grad_()]
-    ys = grouped_ops.lora_linear_grouped(x, weights, biases, As, Bs, [scaling, 2.0], p, seed, backend="torch")
-    assert all(_ran_eagerly(y, "lora_linear_grouped") for y in ys)
-    torch.autograd.gradcheck(
-        lambda x, *ab: tuple(grouped_ops.lora_linear_grouped(x, weights, biases, ab[:2], ab[2:], [scaling, 2.0], p,
-                                                             seed, backend="torch")),
-        (x, *As, *Bs))
-
     x, weight, bias, M, t, p, seed = _mora_inputs(torch.float64, mora_type, 13, 29, 6, 0.0, rows=70)
     torch.autograd.gradcheck(lambda x, M: mora_linear_op(x, weight, bias, M, t, p, seed, backend), (x, M))
 
@@ -152,6 +143,15 @@ def test_eager_twins_are_used_and_pass_gradcheck():
     assert _ran_eagerly(y, "lora_linear")
     torch.autograd.gradcheck(lambda x, A, B: lora_ops.lora_linear(x, weight, b, A, B, scaling, p, seed, "torch"),
                              (x, A, B))
+
+    weights, biases = [weight, weight[:20]], [b, None]
+    As, Bs = [A, A[:3].detach().clone().requires_grad_()], [B, B[:20, :3].detach().clone().requires_grad_()]
+    ys = grouped_ops.lora_linear_grouped(x, weights, biases, As, Bs, [scaling, 2.0], p, seed, backend="torch")
+    assert all(_ran_eagerly(y, "lora_linear_grouped") for y in ys)
+    torch.autograd.gradcheck(
+        lambda x, *ab: tuple(grouped_ops.lora_linear_grouped(x, weights, biases, ab[:2], ab[2:], [scaling, 2.0], p,
+                                                             seed, backend="torch")),
+        (x, *As, *Bs))
 
     x, weight, bias, M, t, p, seed = _mora_inputs(torch.float64, 6, 13, 29, 6, 0.3)
     assert _ran_eagerly(mora_ops.mora_linear(x, weight, bias, M, t, p, seed), "mora_linear")

@@ -102,12 +102,12 @@ def eager_twin(forward_impl, setup_context, backward, tensor_lists: tuple[int, .
             inputs = tuple(list(v) if i in tensor_lists else v for i, v in enumerate(inputs))
             output = forward_impl(*inputs)
             setup_context(ctx, inputs, output)
-            ctx.eager, ctx.twin_lengths, ctx.twin_list_output = True, lengths, isinstance(output, list)
+            ctx.eager, ctx.twin_list_output = True, isinstance(output, list)
+            ctx.needs_input_grad = tuple(regroup(ctx.needs_input_grad[1:], lengths))  # as the op's ctx has it
             return tuple(output) if ctx.twin_list_output else output
 
         @staticmethod
         def backward(ctx, *grads):
-            ctx.needs_input_grad = tuple(regroup(ctx.needs_input_grad[1:], ctx.twin_lengths))
             grads = backward(ctx, *((list(grads),) if ctx.twin_list_output else grads))
             flat = []
             for i, g in enumerate(grads):
@@ -123,8 +123,7 @@ def eager_twin(forward_impl, setup_context, backward, tensor_lists: tuple[int, .
             flat = [t for i, a in enumerate(args) for t in (a if i in tensor_lists else (a,))]
             return super().apply(lengths, *flat)
 
-    Twin.__name__ = Twin.__qualname__ = f"{forward_impl.__name__}_eager"
-    return Twin
+    return type(f"{forward_impl.__name__}_eager", (Twin,), {})  # named at creation, as its backward node
 
 
 def run(op, twin: type[torch.autograd.Function], *args):
