@@ -1,5 +1,5 @@
 """The triton backend of linear_log_probs' forward (docs/contract.md §4): the chunk loop every
-backend shares (torch_backend.cross_entropy.chunked_linear_pass) with the row kernel of
+backend shares (host.cross_entropy.chunked_linear_pass) with the row kernel of
 ``log_probs_jit`` as the chunk step, so each chunk's logits (cuBLAS, input dtype) are read ONCE
 for lse, log p, entropy, log sum p^2, mean logit and is_top1. The backward is not here: the op
 layer uses the triton cross-entropy backward for log p alone, torch_backend.log_probs's PyTorch
@@ -18,7 +18,7 @@ import triton
 
 from fusedpeft.kernels._common import device_capability, for_launch, interpreting
 from fusedpeft.kernels.log_probs_jit import _log_probs_fwd_kernel
-from fusedpeft.torch_backend.cross_entropy import accumulation_dtype, chunked_linear_pass
+from fusedpeft.host.cross_entropy import accumulation_dtype, chunked_linear_pass
 
 # every entry is AOT-compiled by tests/test_triton_log_probs_aot.py for its arch without spills
 # (also with an odd V; (8192, 16) spilled 8 bytes there on sm_90, Triton 3.8)
@@ -40,7 +40,7 @@ def _tuned(arch: int):
 def row_log_probs(logits, targets, rows, stats, wanted, inv_temperature: float, softcap):
     """logits [n, V] (unit column stride), targets [N] int64 in [0, V), rows [n] int64 ids in
     [0, N), stats [6, N] zeroed, in the accumulation dtype -> log p [n] (accumulation dtype); writes
-    stats[i, rows] for i in 1..4 where wanted[i] (torch_backend.log_probs.OUTPUTS order) and
+    stats[i, rows] for i in 1..4 where wanted[i] (ops.log_probs.OUTPUTS order) and
     stats[5, rows] = lse."""
     n, vocab = logits.shape
     log_probs = torch.empty(n, dtype=stats.dtype, device=logits.device)
