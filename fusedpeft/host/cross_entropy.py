@@ -16,6 +16,18 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def apply_softcap_(z: torch.Tensor, softcap: float | None, keep_tanh: bool) -> torch.Tensor | None:
+    """z [n, V] <- softcap * tanh(z / softcap) in place; returns tanh(z / softcap) when asked."""
+    if softcap is None:
+        return None
+    if not keep_tanh:
+        z.div_(softcap).tanh_().mul_(softcap)
+        return None
+    tanh = torch.div(z, softcap).tanh_()
+    torch.mul(tanh, softcap, out=z)
+    return tanh
+
+
 def active_rows(scale: torch.Tensor) -> torch.Tensor:
     """Indices [n_active] of the rows with a non-zero scale.
 

@@ -2,7 +2,7 @@
 backend shares (host.cross_entropy.chunked_linear_pass) with the row kernel of
 ``log_probs_jit`` as the chunk step, so each chunk's logits (cuBLAS, input dtype) are read ONCE
 for lse, log p, entropy, log sum p^2, mean logit and is_top1. The backward is not here: the op
-layer uses the triton cross-entropy backward for log p alone, torch_backend.log_probs's PyTorch
+layer uses the triton cross-entropy backward for log p alone, host.log_probs's PyTorch
 chunk step when the entropy gets a gradient or a temperature follows a softcap.
 
 Autotuning: (BLOCK_V, num_warps) per architecture (sm_90+, and sm_80 for the rest), keyed on V
@@ -40,7 +40,7 @@ def _tuned(arch: int):
 def row_log_probs(logits, targets, rows, stats, wanted, inv_temperature: float, softcap):
     """logits [n, V] (unit column stride), targets [N] int64 in [0, V), rows [n] int64 ids in
     [0, N), stats [6, N] zeroed, in the accumulation dtype -> log p [n] (accumulation dtype); writes
-    stats[i, rows] for i in 1..4 where wanted[i] (ops.log_probs.OUTPUTS order) and
+    stats[i, rows] for i in 1..4 where wanted[i] (host.log_probs.OUTPUTS order) and
     stats[5, rows] = lse."""
     n, vocab = logits.shape
     log_probs = torch.empty(n, dtype=stats.dtype, device=logits.device)
@@ -65,7 +65,7 @@ def _forward_step(make_logits, rows, scale, with_grad, *, targets, stats, wanted
 
 def linear_log_probs_forward(hidden, weight, bias, targets, row_mask, wanted, inv_temperature: float,
                              softcap: float | None, chunk_budget_bytes: int):
-    """torch_backend.log_probs.linear_log_probs_forward (same arguments and result: stats [6, N]),
+    """host.log_probs.linear_log_probs_forward (same arguments and result: stats [6, N]),
     one [rows, V] buffer of input-dtype logits per chunk, read once by the row kernel."""
     n_rows = hidden.shape[0]
     stats = torch.zeros(6, n_rows, dtype=accumulation_dtype(hidden.dtype), device=hidden.device)

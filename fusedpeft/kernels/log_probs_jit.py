@@ -1,6 +1,6 @@
 """Triton row kernel of linear_log_probs' forward: every per-token statistic of a row of logits in
 ONE sweep over the vocabulary (docs/contract.md §4; the PyTorch twin is
-torch_backend/log_probs.py's _forward_step, which reads each chunk several times).
+host/log_probs.py's _forward_step, which reads each chunk several times).
 
 Per row t of logits [n, V] (row stride ``stride_row``, unit column stride), in the accumulation
 dtype ACC (fp32, or fp64 for fp64 logits), with the same transform as the torch backend:

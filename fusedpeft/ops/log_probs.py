@@ -9,10 +9,10 @@ Which code runs:
   -g folded into the row scale.
 - otherwise (other outputs, or a temperature after a softcap): the forward of
   FORWARD_IMPLEMENTATIONS[backend] (triton: one row kernel reading each chunk's logits once),
-  else TORCH_IMPLEMENTATION's chunk step (all of them in one pass over the vocabulary,
-  PyTorch ops on each chunk, any device); the backward is torch_backend.log_probs's (PyTorch,
-  every backend) when the entropy receives a gradient or a temperature follows a softcap, else
-  the backend's cross-entropy backward as above.
+  else host.log_probs's chunk step (all of them in one pass over the vocabulary, PyTorch ops on
+  each chunk, any device); the backward is host.log_probs's (PyTorch, every backend) when the
+  entropy receives a gradient or a temperature follows a softcap, else the backend's
+  cross-entropy backward as above.
 Both go through host.cross_entropy.chunked_linear_pass.
 """
 
@@ -27,19 +27,17 @@ from torch import Tensor
 from fusedpeft.backends import implementation, resolve_backend
 from fusedpeft.ops._common import eager_twin, empty_result, maybe, no_autocast, run, run_backward
 from fusedpeft.ops.cross_entropy import AUTO_BUDGET_MAX_BYTES, auto_chunk_budget
+from fusedpeft.host import log_probs as host_log_probs
 from fusedpeft.host.cross_entropy import accumulation_dtype
 
-# per-token outputs in the order of the backends' stats [6, N] (row 5: lse)
-OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+OUTPUTS = host_log_probs.OUTPUTS
 # chunk_budget_bytes=None: auto_chunk_budget (the linear cross-entropy's rule), but at least
 # MIN_CHUNK_ROWS rows of logits per chunk (capped at AUTO_BUDGET_MAX_BYTES): measured on CPU (1024
 # rows, H 512, V 32000, fp32) the aspect-ratio rule alone gave ~16-row chunks and a forward 3.6x
 # slower than TRL's own head, 256 rows 1.9x faster (fwd+bwd 2.4x). TRL's head holds a 4096 x 32768 tile.
 MIN_CHUNK_ROWS = 256
-# backends with their own linear_log_probs_forward (torch_backend.log_probs's arguments and
-# result); the others, and every backward, run torch_backend.log_probs
+# backends with their own linear_log_probs_forward (host.log_probs's arguments and result)
 FORWARD_IMPLEMENTATIONS = {"triton": "fusedpeft.kernels.log_probs"}
-TORCH_IMPLEMENTATION = "fusedpeft.torch_backend.log_probs"
 
 
 def _wanted(outputs: int) -> list[bool]:
@@ -65,7 +63,8 @@ def _linear_log_probs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
                 False, False, False)
             zeros = torch.zeros_like(loss)
             return -loss, zeros, zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
-        module = importlib.import_module(FORWARD_IMPLEMENTATIONS.get(backend, TORCH_IMPLEMENTATION))
+        module = importlib.import_module(FORWARD_IMPLEMENTATIONS[backend]) if backend in FORWARD_IMPLEMENTATIONS \
+            else host_log_probs
         stats = module.linear_log_probs_forward(hidden, weight, bias, targets, row_mask, _wanted(outputs),
                                                 inv_temperature, softcap, chunk_budget_bytes)
     return tuple(stats[index].clone() for index in range(6))
@@ -96,7 +95,7 @@ def _linear_log_probs_backward(grad_log_probs: Tensor, grad_entropy: Optional[Te
                 need_hidden, need_weight, need_bias)
         else:
             grad_entropy = None if grad_entropy is None else grad_entropy.to(acc) * row_mask.to(acc)
-            grads = importlib.import_module(TORCH_IMPLEMENTATION).linear_log_probs_backward(
+            grads = host_log_probs.linear_log_probs_backward(
                 grad_log_probs, grad_entropy, hidden, weight, bias, targets, lse, entropy, inv_temperature, softcap,
                 chunk_budget_bytes, need_hidden, need_weight, need_bias)
     return tuple(g if g is not None else empty_result(hidden) for g in grads)

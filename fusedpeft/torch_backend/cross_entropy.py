@@ -23,6 +23,7 @@ import torch
 from fusedpeft.host.cross_entropy import (
     accumulation_dtype,
     active_rows,
+    apply_softcap_,
     by_chunks,
     chunk_bytes_per_logit,
     chunked_linear_pass,
@@ -34,18 +35,6 @@ LOGITS_CHUNK_ELEMENTS = 1 << 22  # fp32 temporaries of cross_entropy_* stay <= 1
 def _chunks(n: int, rows_per_chunk: int):
     for start in range(0, n, max(1, rows_per_chunk)):
         yield slice(start, min(start + max(1, rows_per_chunk), n))
-
-
-def apply_softcap_(z: torch.Tensor, softcap: float | None, keep_tanh: bool) -> torch.Tensor | None:
-    """z [n, V] <- softcap * tanh(z / softcap) in place; returns tanh(z / softcap) when asked."""
-    if softcap is None:
-        return None
-    if not keep_tanh:
-        z.div_(softcap).tanh_().mul_(softcap)
-        return None
-    tanh = torch.div(z, softcap).tanh_()
-    torch.mul(tanh, softcap, out=z)
-    return tanh
 
 
 def loss_and_probs_(z, labels, label_smoothing: float, z_loss: float):

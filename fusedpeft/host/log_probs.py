@@ -2,7 +2,7 @@
 top-1 flag of each row) in the chunk loop of linear cross-entropy (docs/contract.md §4).
 
 What TRL's fused LM head returns, without rows x V logits: the rows go through
-torch_backend.cross_entropy.chunked_linear_pass (the one chunk loop of every backend) with their
+host.cross_entropy.chunked_linear_pass (the one chunk loop of every backend) with their
 own ROW IDS in place of the labels, so each chunk step reads its rows' targets and writes its
 per-row statistics into [N] buffers by those ids. Logits of a row: z = softcap(h W^T + b) / T
 (softcap c tanh(./c) when given, then the inverse temperature ``inv_temperature``).
@@ -19,7 +19,11 @@ import functools
 
 import torch
 
-from fusedpeft.torch_backend.cross_entropy import accumulation_dtype, apply_softcap_, chunked_linear_pass
+from fusedpeft.host.cross_entropy import accumulation_dtype, apply_softcap_, chunked_linear_pass
+
+# per-token outputs in the order of the forward's stacked result
+OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
 
 def _bytes_per_logit(dtype: torch.dtype, softcap, buffers: int, with_grad: bool) -> int:
     """``buffers`` accumulation-dtype [rows, V] temporaries (+ tanh for softcap gradients), and the
@@ -70,7 +74,7 @@ def _forward_step(make_logits, rows, scale, with_grad, *, targets, stats, wanted
 def linear_log_probs_forward(hidden, weight, bias, targets, row_mask, wanted, inv_temperature: float,
                              softcap: float | None, chunk_budget_bytes: int):
     """hidden [N, H], weight [V, H], bias [V] | None, targets [N] in [0, V), row_mask [N] (rows with
-    0 are skipped and give 0), wanted: 5 bools for ops.log_probs.OUTPUTS (log_probs always computed) ->
+    0 are skipped and give 0), wanted: 5 bools for OUTPUTS (log_probs always computed) ->
     stats [6, N] in the accumulation dtype: log p_y, entropy, log sum p^2, mean logit, is_top1
     (1.0 / 0.0), lse; rows not asked for are 0."""
     acc = accumulation_dtype(hidden.dtype)
