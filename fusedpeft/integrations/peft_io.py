@@ -26,8 +26,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from fusedpeft.fused._adapter import AdapterLinear
-from fusedpeft.fused._checks import FLOAT_DTYPES
+from fusedpeft.fused import FLOAT_DTYPES, AdapterLinear
 from fusedpeft.fused.lora import LoRALinear
 from fusedpeft.fused.mora import MoRALinear, _checked_r_hat
 from fusedpeft.integrations.checkpoints import install_checkpointing

@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
-from fusedpeft.fused._checks import check_positive_int
+from fusedpeft.fused import check_positive_int
 from fusedpeft.fused.mora import MoRALinear
 from fusedpeft.core.mora import MORA_TYPES
 

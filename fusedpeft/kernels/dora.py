@@ -37,7 +37,7 @@ from fusedpeft.kernels.lora import (
     shrink,
     unavailable_reason,  # noqa: F401  (read by fusedpeft.backends)
 )
-from fusedpeft.torch_backend.dora import magnitude_grad_from_sums
+from fusedpeft.host.dora import magnitude_grad_from_sums
 
 # GEMM tiles of the dropout variants (two [BLOCK_M, BLOCK_N] accumulators): (BLOCK_M, BLOCK_N,
 # BLOCK_K, num_warps, num_stages) per (arch class, element bytes); without dropout the LoRA
