@@ -37,9 +37,9 @@ _INTEGRATIONS = {
     "patch_causal_lm": "fusedpeft.integrations.causal_lm",
     "InstructionCollator": "fusedpeft.integrations.collator",
     "ReMoRACallback": "fusedpeft.integrations.remora",
-    "group_lora_projections": "fusedpeft.integrations.grouping",
-    "ungroup_lora_projections": "fusedpeft.integrations.grouping",
-    "grouped_projections": "fusedpeft.integrations.grouping",
+    "group_lora_projections": "fusedpeft.integrations.lora_grouped",
+    "ungroup_lora_projections": "fusedpeft.integrations.lora_grouped",
+    "grouped_projections": "fusedpeft.integrations.lora_grouped",
 }
 
 __all__ = [*fused.__all__, "available_backends", *_INTEGRATIONS]

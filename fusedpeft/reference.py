@@ -1,9 +1,14 @@
-"""The executable contract (docs/contract.md): what every backend must compute, in plain, readable PyTorch.
+"""The executable contract (docs/contract.md): what every backend must compute, in plain PyTorch.
 
-Nothing here is optimised. Each function follows docs/contract.md §2-§5 line by line so a reader can check
-it against the text; every backend (the optimised PyTorch path, Triton, C++/CUDA) is tested
-against these functions on random inputs. Shapes: ``N`` rows (tokens), ``K`` in_features,
-``D`` out_features, ``V`` vocabulary, ``H`` hidden size, ``R`` MoRA's r_hat.
+Nothing here is optimised and nothing here is shared with the package: this module imports no
+fusedpeft module, and no fusedpeft module imports it (tests/test_oracle_independence.py checks
+both), so a bug in the production rules (fusedpeft/core/) cannot hide in the oracle too. Each rule
+is restated from its primary source: the Philox4x32-10 generator from Random123's definition and
+Triton's ``tl.rand``, LoRA / DoRA from PEFT's layer code, MoRA from the paper's reference code
+(kongds/MoRA), the loss from docs/contract.md §4. Every backend (the optimised PyTorch path,
+Triton, C++/CUDA) is tested against these functions on random inputs. Results are computed in
+float32, or float64 for float64 inputs. Shapes: ``N`` rows (tokens), ``K`` in_features, ``D``
+out_features, ``V`` vocabulary, ``H`` hidden size, ``R`` MoRA's r_hat.
 """
 
 from __future__ import annotations
@@ -12,68 +17,80 @@ import math
 
 import torch
 
-# --------------------------------------------------------------------------------------------
-# docs/contract.md §5: dropout randomness (Triton's tl.rand, Philox4x32-10, re-stated on int64 tensors)
-# --------------------------------------------------------------------------------------------
-
-_MASK32 = 0xFFFFFFFF
-_PHILOX_ROUND_A = 0xD2511F53
-_PHILOX_ROUND_B = 0xCD9E8D57
-_PHILOX_KEY_A = 0x9E3779B9
-_PHILOX_KEY_B = 0xBB67AE85
-_UNIFORM_SCALE = 4.6566127342e-10  # float32(x) * this < 1 for every non-negative int32 x
-
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """t in the reference's compute dtype: float64 stays float64, everything else becomes float32."""
     return t.double() if t.dtype == torch.float64 else t.float()
 
 
-def _mul32(const: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(high, low) 32-bit words of const * x, for uint32 values held in int64.
+# --------------------------------------------------------------------------------------------
+# docs/contract.md §5: dropout randomness. Random123's Philox4x32-10 (Salmon et al., SC'11):
+# a 128-bit counter (four 32-bit words) and a 64-bit key (two words); each of the 10 rounds
+#   (hi0, lo0) = mulhilo(0xD2511F53, c0); (hi1, lo1) = mulhilo(0xCD9E8D57, c2)
+#   c = (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0)
+# and between rounds the key is bumped by the Weyl constants (0x9E3779B9, 0xBB67AE85).
+# --------------------------------------------------------------------------------------------
 
-    The product is < 2**64; int64 multiplication wraps modulo 2**64, so its bits are exactly the
-    unsigned product's, and masking after the (arithmetic) shift recovers the high word.
+_WORD = 2**32
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+TL_RAND_SCALE = 4.6566127342e-10  # Triton's uint_to_uniform_float for 32-bit words
+
+
+def _mulhilo(multiplier: int, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high word, low word) of the 64-bit product multiplier * value, value uint32 held in int64.
+
+    The multiplier is split into 16-bit halves so that every partial product stays below 2**48
+    and nothing overflows int64: value * multiplier = value * m_hi * 2**16 + value * m_lo.
     """
-    product = x * const
-    return (product >> 32) & _MASK32, product & _MASK32
-
-
-def philox4x32(seed: int, counter: torch.Tensor, rounds: int = 10) -> tuple[torch.Tensor, ...]:
-    """Philox4x32 with key (seed low 32 bits, seed high 32 bits) and counter (counter, 0, 0, 0).
-
-    counter: int64 tensor of uint32 values, any shape. Returns the four uint32 output words as
-    int64 tensors of counter's shape (Random123's known-answer vectors test this function).
-    """
-    return philox4x32_words(seed & _MASK32, (seed >> 32) & _MASK32, (counter, 0, 0, 0), rounds)
+    m_hi, m_lo = divmod(multiplier, 2**16)
+    low_part = value * m_lo                      # < 2**48
+    high_part = value * m_hi                     # < 2**48, to be shifted left by 16
+    lower_sum = low_part + (high_part % 2**16) * 2**16   # the product's bits 0..48
+    low = lower_sum % _WORD
+    high = high_part // 2**16 + lower_sum // _WORD
+    return high, low
 
 
 def philox4x32_words(k0: int, k1: int, ctr: tuple, rounds: int = 10) -> tuple[torch.Tensor, ...]:
-    """Philox4x32 on an explicit key (k0, k1) and counter words (tensors or ints, uint32 values)."""
-    base = next(c for c in ctr if isinstance(c, torch.Tensor))
-    c0, c1, c2, c3 = (c if isinstance(c, torch.Tensor) else torch.full_like(base, c) for c in ctr)
-    for _ in range(rounds):
-        hi_b, lo_b = _mul32(_PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _mul32(_PHILOX_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
-        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    return c0, c1, c2, c3
+    """Philox4x32 on the key (k0, k1) and the counter words ctr = (c0, c1, c2, c3), each an int
+    or an int64 tensor of uint32 values (all tensors of one shape) -> the four output words,
+    int64 tensors of uint32 values of that shape."""
+    shape_like = [c for c in ctr if isinstance(c, torch.Tensor)][0]
+    c = [w.to(torch.int64) if isinstance(w, torch.Tensor) else torch.full_like(shape_like, w, dtype=torch.int64)
+         for w in ctr]
+    key = [k0, k1]
+    for round_index in range(rounds):
+        if round_index > 0:
+            key = [(key[0] + PHILOX_W0) % _WORD, (key[1] + PHILOX_W1) % _WORD]
+        hi0, lo0 = _mulhilo(PHILOX_M0, c[0])
+        hi1, lo1 = _mulhilo(PHILOX_M1, c[2])
+        c = [hi1 ^ c[1] ^ key[0], lo1, hi0 ^ c[3] ^ key[1], lo0]
+    return tuple(c)
 
 
-def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """u = tl.rand(seed, offsets) for int32 offsets, bit for bit.
+def philox4x32(seed: int, counter: torch.Tensor, rounds: int = 10) -> tuple[torch.Tensor, ...]:
+    """tl.randint's Philox call: key = (seed mod 2**32, seed // 2**32), counter = (counter, 0, 0, 0).
 
-    offsets: integer tensor, any shape; taken modulo 2**32. Returns float32 in [0, 1).
-    """
-    return uniform_from_word(philox4x32(seed, offsets.to(torch.int64) & _MASK32)[0])
+    seed: a non-negative int below 2**64; counter: int64 tensor of uint32 values, any shape.
+    Returns the four output words as int64 tensors of counter's shape."""
+    return philox4x32_words(seed % _WORD, seed // _WORD % _WORD, (counter, 0, 0, 0), rounds)
 
 
 def uniform_from_word(word: torch.Tensor) -> torch.Tensor:
-    """tl.rand's float32 in [0, 1) from Philox's first output word (uint32 values in int64)."""
-    as_int32 = torch.where(word >= 2**31, word - 2**32, word)  # reinterpret the bits as int32
-    folded = torch.where(as_int32 < 0, -as_int32 - 1, as_int32)
-    return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=word.device)
+    """Triton's uint_to_uniform_float: the word (uint32 in int64) read as a signed int32 x, x < 0
+    replaced by ~x (= -x - 1), then float32(x) * float32(4.6566127342e-10) -> float32 in [0, 1)."""
+    signed = torch.where(word < 2**31, word, word - _WORD)
+    non_negative = torch.where(signed < 0, torch.bitwise_not(signed), signed)
+    scale = torch.tensor(TL_RAND_SCALE, dtype=torch.float32)
+    return non_negative.float() * scale.to(word.device)
+
+
+def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """u = tl.rand(seed, offsets) for 32-bit offsets, bit for bit.
+
+    offsets: integer tensor, any shape; taken modulo 2**32. Returns float32 in [0, 1)."""
+    return uniform_from_word(philox4x32(seed, offsets.to(torch.int64) % _WORD)[0])
 
 
 def dropout_keep_mask(seed: int, n_rows: int, n_cols: int, p: float, row_start: int = 0,
@@ -81,11 +98,12 @@ def dropout_keep_mask(seed: int, n_rows: int, n_cols: int, p: float, row_start: 
     """Bool [n_rows, n_cols] on ``device``: True where element (m, j) of the 2-D view x[M, K] is kept.
 
     Rows are global rows row_start .. row_start + n_rows - 1 of a K = n_cols wide input; the
-    Philox counter of element (m, j) is (m * K + j) mod 2**32.
+    Philox counter of element (m, j) is (m * K + j) mod 2**32, and it is kept when u >= p.
     """
-    rows = torch.arange(row_start, row_start + n_rows, dtype=torch.int64, device=device).unsqueeze(1)
-    cols = torch.arange(n_cols, dtype=torch.int64, device=device).unsqueeze(0)
-    return philox_uniform(seed, rows * n_cols + cols) >= p
+    m = torch.arange(row_start, row_start + n_rows, dtype=torch.int64, device=device)
+    j = torch.arange(n_cols, dtype=torch.int64, device=device)
+    counters = m[:, None] * n_cols + j[None, :]
+    return philox_uniform(seed, counters) >= p
 
 
 def dropout(x: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
@@ -98,18 +116,21 @@ def dropout(x: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
 
 
 def new_dropout_seed() -> torch.Tensor:
-    """One 64-bit seed (0-dim int64 CPU tensor, in [0, 2**63 - 1)) from torch's default CPU generator."""
-    return torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
+    """The one draw per forward from torch's default CPU generator: a 0-dim int64 CPU tensor,
+    uniform over [0, 2**63 - 1) (tests replay the layers' draw with it)."""
+    return torch.randint(low=0, high=2**63 - 1, size=(), dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------------------------
-# docs/contract.md §2: LoRA
+# docs/contract.md §2: LoRA (PEFT's LoraLayer: scaling, forward, get_delta_weight)
 # --------------------------------------------------------------------------------------------
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
-    """alpha / r, or alpha / sqrt(r) with rsLoRA."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
+    """PEFT's update_layer: lora_alpha / sqrt(r) with rsLoRA, else lora_alpha / r."""
+    if use_rslora:
+        return alpha / math.sqrt(r)
+    return alpha / r
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=None):
@@ -128,8 +149,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=No
 
 
 def lora_delta_weight(lora_A, lora_B, scaling):
-    """ΔW = scaling * B @ A, [D, K], in fp32 (fp64 for fp64 adapters)."""
-    return scaling * _wide(lora_B) @ _wide(lora_A)
+    """PEFT's get_delta_weight: (B @ A) * scaling [D, K], in fp32 (fp64 for fp64 adapters)."""
+    return (_wide(lora_B) @ _wide(lora_A)) * scaling
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,38 +192,43 @@ def dora_merged_weight(weight, lora_A, lora_B, magnitude, scaling):
 
 
 # --------------------------------------------------------------------------------------------
-# docs/contract.md §3: MoRA
+# docs/contract.md §3: MoRA, restated from the paper's reference code (kongds/MoRA, peft-mora's
+# update_layer and _apply_mora)
 # --------------------------------------------------------------------------------------------
 
 MORA_TYPES = (1, 2, 3, 4, 6)
 
 
 def mora_r_hat(in_features: int, out_features: int, r: int, mora_type: int) -> int:
-    """Side of the square matrix M: round(sqrt((k + d) * r)), floored to even for type 6."""
-    r_hat = int(math.sqrt((in_features + out_features) * r) + 0.5)
-    return r_hat // 2 * 2 if mora_type == 6 else r_hat
+    """update_layer's new_r: sqrt((k + d) * r) rounded half up; type 6 drops an odd last unit (RoPE pairs)."""
+    r_hat = math.floor(math.sqrt((in_features + out_features) * r) + 0.5)
+    if mora_type == 6:
+        r_hat -= r_hat % 2
+    return r_hat
 
 
 def mora_padding(in_features: int, r_hat: int, mora_type: int) -> int:
-    """Number of wrap-padded features (types 1, 4, 6); 0 for types 2 and 3."""
-    if mora_type in (2, 3) or in_features % r_hat == 0:
+    """_apply_mora's pad_size: types 1, 4, 6 extend x to the next multiple of r_hat (with a copy of
+    its first features); types 2 and 3 group without padding."""
+    if mora_type in (2, 3):
         return 0
-    return r_hat - in_features % r_hat
+    return (-in_features) % r_hat
 
 
 def mora_rope_tables(r_hat: int, n_chunks: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [n_chunks, r_hat] in fp32: angle(i, j) = i * 10000^(-2 (j mod r_hat/2) / r_hat)."""
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, r_hat, 2, dtype=torch.float32, device=device) / r_hat))
-    positions = torch.arange(n_chunks, dtype=torch.float32, device=device)
-    freqs = torch.outer(positions, inv_freq)
-    angles = torch.cat([freqs, freqs], dim=-1)
-    return angles.cos(), angles.sin()
+    """_apply_mora's cos, sin [n_chunks, r_hat] in fp32: inv_freq = 1 / 10000^(arange(0, r, 2) / r),
+    position t = chunk index, emb = cat(outer(t, inv_freq), same)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, r_hat, 2, device=device).float() / r_hat))
+    t = torch.arange(n_chunks, device=device)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
 
 
 def rotate_half(z: torch.Tensor) -> torch.Tensor:
-    """[a, b] -> [-b, a] over the last dimension (HF-LLaMA rotate-half layout)."""
-    half = z.shape[-1] // 2
-    return torch.cat([-z[..., half:], z[..., :half]], dim=-1)
+    """HF-LLaMA rotate-half over the last dimension: halves (a, b) -> (-b, a)."""
+    a, b = z.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
 
 
 def _wrap_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -331,12 +357,17 @@ def mora_delta_weight(M: torch.Tensor, in_features: int, out_features: int, mora
 
 def token_loss_weights(labels, *, instruction_mask=None, instruction_weight=0.0, token_weights=None,
                        ignore_index=-100, dtype=torch.float32) -> torch.Tensor:
-    """w_t (dtype, labels' shape; float64 with float64 token_weights): 0 on ignore_index, else
-    1 x instruction_weight on masked tokens x token_weights (float64 losses pass dtype=float64 so
-    that instruction_weight is not rounded to float32)."""
-    w = (labels != ignore_index).to(dtype)
+    """w_t (labels' shape) as docs/contract.md §4 words it: 0 where y_t == ignore_index, else 1,
+    times instruction_weight where instruction_mask is set, times token_weights when given.
+
+    In ``dtype`` (float64 losses pass float64 so that instruction_weight is not rounded to
+    float32), or float64 when token_weights are float64."""
+    counted = labels != ignore_index
+    w = torch.zeros(labels.shape, dtype=dtype, device=labels.device)
+    w[counted] = 1.0
     if instruction_mask is not None:
-        w = torch.where(instruction_mask.bool(), w * instruction_weight, w)
+        factor = torch.full(labels.shape, instruction_weight, dtype=dtype, device=labels.device)
+        w = w * torch.where(instruction_mask.bool(), factor, torch.ones_like(factor))
     if token_weights is not None:
         w = w * _wide(token_weights)
     return w

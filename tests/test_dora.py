@@ -18,7 +18,7 @@ from torch.library import opcheck
 
 import fusedpeft as fp
 from fusedpeft import reference as ref
-from fusedpeft.fused.lora_group import check_group
+from fusedpeft.fused.lora_grouped import check_group
 from fusedpeft.ops.dora import dora_linear_backward_op, dora_linear_op, weight_norm
 from helpers import runnable
 

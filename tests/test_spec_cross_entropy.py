@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedpeft as fp
+from spec_backends import on_every_backend, run_on
 
 V = 1003  # odd vocabulary (1000 + 3)
 
@@ -434,3 +435,25 @@ def test_no_gradient_to_token_weights():
     loss.backward()
     assert logits.grad is not None
     assert tw.grad is None or torch.count_nonzero(tw.grad) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# The same oracles on every other backend that runs here (tests/spec_backends.py)
+# --------------------------------------------------------------------------------------------
+
+OTHER_BACKEND_CASES = [
+    (test_matches_torch_fp32, dict(shape=(2, 5), label_smoothing=0.1, reduction="none", ignore_index=7)),
+    (test_tiny_vocab_label_smoothing, dict(vocab=5, label_smoothing=0.4)),
+    (test_low_precision_logits_loss_in_fp32, dict(dtype=torch.bfloat16, reduction="mean", label_smoothing=0.1)),
+    (test_matches_spec_formula, dict(instruction_weight=0.1, with_token_weights=True, z_loss=1e-3, softcap=30.0,
+                                     label_smoothing=0.1, reduction="sum")),
+    (test_num_items_in_batch_replaces_denominator, dict(kind="tensor", instruction_weight=0.1)),
+    (test_all_rows_weightless_gives_exact_zero, dict(how="instruction")),
+    (test_linear_matches_masked_on_materialised_logits, dict(kw=LINEAR_KW[3], chunk_budget=4096, with_bias=True)),
+    (test_linear_all_ignored_is_zero_with_zero_grads, dict()),
+]
+
+
+@on_every_backend("cross_entropy", OTHER_BACKEND_CASES)
+def test_spec_on_every_backend(backend, check, kwargs, monkeypatch):
+    run_on(backend, "cross_entropy", monkeypatch, check, kwargs)

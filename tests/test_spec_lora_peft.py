@@ -17,6 +17,7 @@ import torch.nn as nn
 from peft import LoraConfig, get_peft_model
 
 import fusedpeft as fp
+from spec_backends import on_every_backend, run_on
 from fusedpeft import reference as ref
 
 # (dtype, rtol, atol): both sides compute in the same dtype, only the operation order differs
@@ -322,3 +323,24 @@ def test_merge_unmerge(dtype, rtol, atol, use_rslora):
         assert layer.merged is False
         _close(layer.base_layer.weight, W0, rtol=0, atol=8 * torch.finfo(dtype).eps)
         _close(layer(x), y0, rtol, atol)
+
+
+# --------------------------------------------------------------------------------------------
+# The same oracles on every other backend that runs here (tests/spec_backends.py)
+# --------------------------------------------------------------------------------------------
+
+FP32, FP64 = TOLS
+OTHER_BACKEND_CASES = [
+    (test_matches_peft, dict(in_f=33, out_f=65, tokens=7, r=4, use_rslora=True, bias=True, dtype=FP32[0],
+                             rtol=FP32[1], atol=FP32[2], three_d=True)),
+    (test_matches_peft, dict(in_f=16, out_f=8, tokens=5, r=2, use_rslora=False, bias=False, dtype=FP64[0],
+                             rtol=FP64[1], atol=FP64[2], three_d=False)),
+    (test_two_layer_model_matches_peft, dict(dtype=FP32[0], rtol=FP32[1], atol=FP32[2])),
+    (test_dropout_mask_from_spec_seed, dict(dtype=FP32[0], rtol=FP32[1], atol=FP32[2], bias=True, tokens=7)),
+    (test_merge_unmerge, dict(dtype=FP64[0], rtol=FP64[1], atol=FP64[2], use_rslora=True)),
+]
+
+
+@on_every_backend("lora", OTHER_BACKEND_CASES)
+def test_spec_on_every_backend(backend, check, kwargs, monkeypatch):
+    run_on(backend, "lora", monkeypatch, check, kwargs)

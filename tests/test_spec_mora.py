@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 import fusedpeft as fp
+from spec_backends import on_every_backend, run_on
 from fusedpeft import reference as ref
 
 ALL_TYPES = (1, 2, 3, 4, 6)
@@ -507,3 +508,25 @@ def test_layer_dropout_uses_spec_seed(mora_type, tokens):
     layer.eval()
     with torch.no_grad():
         _close(layer(x), base(x) + restated_apply_mora(x, layer.M.detach(), k, d, mora_type), **F64)
+
+
+# --------------------------------------------------------------------------------------------
+# The same oracles on every other backend that runs here (tests/spec_backends.py)
+# --------------------------------------------------------------------------------------------
+
+OTHER_BACKEND_CASES = [
+    # type 6 with a padded input and tiled output; type 1 padded, d < k; types 2, 4 with d > k
+    (test_layer_forward_and_grads_match_restatement, dict(k=13, d=29, r=1, mora_type=6, bias=True)),
+    (test_layer_forward_and_grads_match_restatement, dict(k=30, d=7, r=1, mora_type=1, bias=False)),
+    (test_layer_forward_and_grads_match_restatement, dict(k=10, d=14, r=1, mora_type=2, bias=True)),
+    (test_layer_forward_and_grads_match_restatement, dict(k=16, d=40, r=2, mora_type=4, bias=False)),
+    (test_layer_float32_matches_restatement, dict()),
+    (test_layer_merge_unmerge, dict(k=13, d=29, r=1, mora_type=6)),
+    (test_layer_dropout_uses_spec_seed, dict(mora_type=6, tokens=5)),
+    (test_layer_dropout_uses_spec_seed, dict(mora_type=2, tokens=5)),
+]
+
+
+@on_every_backend("mora", OTHER_BACKEND_CASES)
+def test_spec_on_every_backend(backend, check, kwargs, monkeypatch):
+    run_on(backend, "mora", monkeypatch, check, kwargs)

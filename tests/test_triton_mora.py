@@ -194,9 +194,8 @@ def test_bad_input_is_rejected_before_launch():
 @pytest.mark.parametrize("mora_type", [1, 6])
 def test_torch_compile_fullgraph(mora_type):
     """The op with backend="triton" traces without a graph break and matches eager, gradients too.
-    (Called at the op level: a layer built with backend="triton" resolves its backend inside
-    forward, which fusedpeft/backends.py does through importlib — a graph break for every named
-    backend, reported to the lead.)"""
+    (A layer with a named backend compiles fullgraph as well: resolve_backend runs once at trace
+    time, see fusedpeft/backends.py and tests/test_lora_grouped.py::test_group_compiles_fullgraph.)"""
     from fusedpeft.ops.mora import mora_linear_op
 
     k, d, r_hat = 30, 50, 8

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 import fusedpeft as fp  # noqa: E402
 from fusedpeft import backends  # noqa: E402
 from fusedpeft.integrations import trl as fp_trl  # noqa: E402
-from fusedpeft.torch_backend import log_probs as torch_log_probs  # noqa: E402
+from fusedpeft.host import log_probs as host_log_probs  # noqa: E402
 from helpers import runnable  # noqa: E402
 from test_collator import word_tokenizer  # noqa: E402
 
@@ -45,8 +45,8 @@ def counts(monkeypatch):
 
     monkeypatch.setattr(ChunkedLogProbFunction, "forward",
                         staticmethod(counting("trl", ChunkedLogProbFunction.forward)))
-    monkeypatch.setattr(torch_log_probs, "linear_log_probs_forward",
-                        counting("fusedpeft_forward", torch_log_probs.linear_log_probs_forward))
+    monkeypatch.setattr(host_log_probs, "linear_log_probs_forward",
+                        counting("fusedpeft_forward", host_log_probs.linear_log_probs_forward))
     module = backends.implementation("cross_entropy", backends.resolve_backend("cross_entropy", None,
                                                                                 torch.device("cpu")))
     monkeypatch.setattr(module, "linear_cross_entropy_backward",

@@ -20,14 +20,14 @@ import torch
 import fusedpeft._C  # noqa: F401  (registers torch.ops.fusedpeft_C)
 from fusedpeft.cpp_backend import seed_value
 from fusedpeft.cpp_backend import unavailable_reason as _extension_unavailable
-from fusedpeft.torch_backend.dora import (
-    dora_forward as _torch_forward,
+from fusedpeft.host.dora import (
     expand_grads,
+    forward_no_dropout,
     grad_B_from,
     magnitude_grad_from_sums,
     magnitude_grad_with_dropout,
 )
-from fusedpeft.torch_backend.lora import expand_onto_base
+from fusedpeft.host.lora import expand_onto_base
 
 _ops = torch.ops.fusedpeft_C
 
@@ -45,7 +45,7 @@ def dora_forward(x, weight, bias, lora_A, lora_B, g, scaling: float, dropout_p: 
     """x [N, K], weight [D, K], bias [D] | None, lora_A [r, K], lora_B [D, r], g [D] ->
     (y [N, D], S [N, r], V [N, D] when dropout_p > 0 else an empty [0]), all in x's dtype."""
     if dropout_p == 0.0:
-        return _torch_forward(x, weight, bias, lora_A, lora_B, g, scaling, 0.0, None)
+        return forward_no_dropout(x, weight, bias, lora_A, lora_B, g, scaling)
     seed_int = seed_value(seed, dropout_p)
     S = _ops.lora_shrink(x, lora_A, dropout_p, seed_int)
     V = _ops.lora_shrink(x, weight, dropout_p, seed_int)
@@ -54,7 +54,7 @@ def dora_forward(x, weight, bias, lora_A, lora_B, g, scaling: float, dropout_p: 
 
 
 def _expand_grads(dy, S, lora_B, g, scaling: float, need_S: bool, need_sdyS: bool):
-    """(dS [N, r], s dY^T S [D, r]) as torch_backend.dora.expand_grads, from one pass over dY."""
+    """(dS [N, r], s dY^T S [D, r]) as host.dora.expand_grads, from one pass over dY."""
     if need_S and need_sdyS:
         dS, sdyS = _ops.lora_expand_backward(dy, S, lora_B * g[:, None], scaling)
         return dS.to(dy.dtype), sdyS

@@ -18,8 +18,8 @@ import torch
 import fusedpeft._C  # noqa: F401  (registers torch.ops.fusedpeft_C)
 from fusedpeft.cpp_backend import seed_value, unavailable_reason  # noqa: F401  (read by fusedpeft.backends)
 from fusedpeft.cpp_backend.dequant import dequantize_4bit
+from fusedpeft.host.lora import add_base_input_grad_, expand_onto_base, lora_B_grad
 from fusedpeft.quantized import dense_weight
-from fusedpeft.torch_backend.lora import add_base_input_grad_, expand_onto_base, lora_B_grad
 
 _ops = torch.ops.fusedpeft_C
 

@@ -18,7 +18,7 @@ from fusedpeft.quantized import (
     quantized_weight,
     requantize_,
 )
-from fusedpeft.reference import new_dropout_seed
+from fusedpeft.core.philox import new_dropout_seed
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:

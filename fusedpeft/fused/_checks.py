@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from fusedpeft.reference import MORA_TYPES
+from fusedpeft.core.mora import MORA_TYPES
 
 
 def _describe(t: torch.Tensor) -> str:

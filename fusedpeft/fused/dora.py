@@ -11,7 +11,7 @@ from torch import nn
 
 from fusedpeft.core.dtypes import accumulation_dtype
 from fusedpeft.ops.dora import weight_norm, weight_sq_norm
-from fusedpeft.reference import lora_delta_weight
+from fusedpeft.core.lora import lora_delta_weight
 
 
 def check_dora_base(where: str, base) -> None:

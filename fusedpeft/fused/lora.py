@@ -21,7 +21,7 @@ from fusedpeft.fused.dora import (
 )
 from fusedpeft.ops.dora import dora_linear
 from fusedpeft.ops.lora import lora_linear
-from fusedpeft.reference import lora_delta_weight, lora_scaling
+from fusedpeft.core.lora import lora_delta_weight, lora_scaling
 
 LORA_INITS = ("kaiming", "gaussian")
 

@@ -9,7 +9,7 @@ from fusedpeft.backends import check_backend_name
 from fusedpeft.fused._checks import check_mora_type, check_positive_int, check_probability
 from fusedpeft.fused._adapter import AdapterLinear, base_factory, check_base
 from fusedpeft.ops.mora import mora_delta_weight, mora_linear
-from fusedpeft.reference import mora_padding, mora_r_hat
+from fusedpeft.core.mora import mora_padding, mora_r_hat
 
 
 # ReMoRA's default type cycle (the MoRA reference's ResetReloraCallback with remora_types=4)

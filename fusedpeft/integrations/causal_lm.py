@@ -35,7 +35,7 @@ import types
 import torch
 from torch import nn
 
-from fusedpeft.fused._checks import check_loss_options, check_normalize
+from fusedpeft.fused import check_loss_options, check_normalize
 from fusedpeft.fused.losses import linear_cross_entropy
 
 # keywords of linear_cross_entropy that a patch may fix (the rest are per batch)

@@ -40,7 +40,7 @@ from fusedpeft.kernels.lora import (
     gemm_rank_block,
     shrink,
 )
-from fusedpeft.torch_backend.dora import magnitude_grad_from_sums
+from fusedpeft.host.dora import magnitude_grad_from_sums
 
 # GEMM tiles of the dropout variants (two [BLOCK_M, BLOCK_N] accumulators): (BLOCK_M, BLOCK_N,
 # BLOCK_K, num_warps, num_stages) per (arch class, element bytes); without dropout the LoRA

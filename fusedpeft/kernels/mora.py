@@ -42,7 +42,6 @@ import dataclasses
 import functools
 import math
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -61,7 +60,7 @@ from fusedpeft.kernels._common import (
 from fusedpeft.kernels.dequant import dequantize_4bit
 from fusedpeft.kernels.mora_jit import _mora_dm_kernel, _mora_gemm_kernel, _mora_slot_sum_kernel
 from fusedpeft.quantized import dense_weight
-from fusedpeft.reference import MORA_TYPES, mora_padding, mora_rope_tables
+from fusedpeft.core.mora import MORA_TYPES, MoraGeometry, mora_padding, rope_tables
 
 DESIGNS = ("tile", "compressed")
 MODE_PLAIN, MODE_MERGE, MODE_SLOTS, MODE_ROPE = 0, 1, 2, 3
@@ -113,47 +112,6 @@ GROUP_M = 8
 ROPE_BLOCK = 16  # width of the type-6 chunk dots (BLOCK_R); 32 spills on sm_80 (tests/test_triton_mora_aot.py)
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """Sizes of one MoRA layer: K in, D out, R = r_hat, wrap padding, chunks (docs/contract.md §3)."""
-
-    K: int
-    D: int
-    R: int
-    mora_type: int
-
-    @property
-    def pad(self) -> int:
-        return mora_padding(self.K, self.R, self.mora_type)
-
-    @property
-    def n_chunks(self) -> int:
-        return (self.K + self.pad) // self.R
-
-    @property
-    def span(self) -> int:
-        return self.n_chunks * self.R
-
-    @property
-    def used(self) -> int:
-        """Chunks that reach an output (type 6)."""
-        return min(self.n_chunks, math.ceil(self.D / self.R))
-
-    @property
-    def n_tiles(self) -> int:
-        """Output tiles of period n R (type 6: > 1 when n R < D); 1 when span is 0 (types 2, 3 with
-        R > K have no chunks, and only type 6 reads this)."""
-        return math.ceil(self.D / self.span) if self.span else 1
-
-    @property
-    def in_contig(self) -> bool:
-        return self.mora_type in (2, 3)
-
-    @property
-    def out_contig(self) -> bool:
-        return self.mora_type in (2, 4)
-
-
 def choose_design(mora_type: int, dtype: torch.dtype, dropout_p: float) -> str:
     """"tile" or "compressed" (see the module docstring for the rule and why).
 
@@ -165,12 +123,6 @@ def choose_design(mora_type: int, dtype: torch.dtype, dropout_p: float) -> str:
     if forced == "compressed" or (forced == "tile" and dropout_p == 0.0):
         return forced
     return "tile" if dropout_p == 0.0 and dtype in (torch.float32, torch.float64) else "compressed"
-
-
-@functools.lru_cache(maxsize=64)
-def rope_tables(r_hat: int, n_chunks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos, sin [n_chunks, r_hat] (docs/contract.md §3), cached per (r_hat, n, device); never in a state_dict."""
-    return tuple(t.contiguous() for t in mora_rope_tables(r_hat, n_chunks, device))
 
 
 def _name(t) -> str:
@@ -269,7 +221,7 @@ def _dropout_args(dropout_p: float, seed, x: torch.Tensor) -> tuple:
     return (int(seed), float(dropout_p), scale) if dropout_p > 0.0 else (0, 0.0, scale)
 
 
-def _gemm(a, b, b_strides, out, g: Geometry, mode: int, trans: bool, drop, M=None, u=None, bias=None, rope=None):
+def _gemm(a, b, b_strides, out, g: MoraGeometry, mode: int, trans: bool, drop, M=None, u=None, bias=None, rope=None):
     """out [N, P] = a [N, Q] @ B^T + ... with B [P, Q] read through b_strides (see the kernel header)."""
     n, q = a.shape
     p_cols = out.shape[1]
@@ -292,7 +244,7 @@ def _gemm(a, b, b_strides, out, g: Geometry, mode: int, trans: bool, drop, M=Non
     return out
 
 
-def _slot_sums(src, g: Geometry, along_input: bool, drop) -> torch.Tensor:
+def _slot_sums(src, g: MoraGeometry, along_input: bool, drop) -> torch.Tensor:
     """[N, R] in src's dtype: compress(dropout(x)) (along_input) or decompress^T(dY) (types 1-4)."""
     n = src.shape[0]
     length = g.K if along_input else g.D
@@ -308,7 +260,7 @@ def _slot_sums(src, g: Geometry, along_input: bool, drop) -> torch.Tensor:
     return out
 
 
-def _grad_M(g_src, z_src, g: Geometry, drop, rope) -> torch.Tensor:
+def _grad_M(g_src, z_src, g: MoraGeometry, drop, rope) -> torch.Tensor:
     """dM [R, R] (fp32, fp64 for fp64 inputs): split reduction over (chunk, row block), partials summed."""
     n, r = g_src.shape[0], g.R
     if interpreting():
@@ -340,7 +292,7 @@ def mora_forward(x, weight, bias, M, mora_type: int, dropout_p: float, seed, des
     """
     weight = _dense(weight, x)
     check_inputs(x, weight, bias, M, mora_type, dropout_p, seed, design)
-    g = Geometry(x.shape[1], weight.shape[0], M.shape[0], mora_type)
+    g = MoraGeometry(x.shape[1], weight.shape[0], M.shape[0], mora_type)
     design = design or choose_design(mora_type, x.dtype, dropout_p)
     xl, wl = for_launch(x).contiguous(), for_launch(weight).contiguous()
     bl, Ml = for_launch(bias), for_launch(M).contiguous()
@@ -372,7 +324,7 @@ def mora_backward(grad_y, x, weight, M, mora_type: int, dropout_p: float, seed, 
     check_inputs(x, weight, None, M, mora_type, dropout_p, seed, design)
     if grad_y.shape != (x.shape[0], weight.shape[0]):
         raise ValueError(f"grad_y must be [{x.shape[0]}, {weight.shape[0]}], got {_name(grad_y)}")
-    g = Geometry(x.shape[1], weight.shape[0], M.shape[0], mora_type)
+    g = MoraGeometry(x.shape[1], weight.shape[0], M.shape[0], mora_type)
     design = design or choose_design(mora_type, x.dtype, dropout_p)
     xl, wl, Ml = for_launch(x).contiguous(), for_launch(weight).contiguous(), for_launch(M).contiguous()
     gy = for_launch(grad_y.to(x.dtype)).contiguous()

@@ -29,7 +29,7 @@ from fusedpeft.ops._common import (
     run,
     run_backward,
 )
-from fusedpeft.torch_backend.dora import weight_norm, weight_sq_norm
+from fusedpeft.host.dora import weight_norm, weight_sq_norm
 
 __all__ = ["dora_linear", "weight_norm", "weight_sq_norm"]
 

@@ -7,14 +7,18 @@ Which code runs:
   linear cross-entropy with reduction "none" (torch, cpu, cuda or triton row kernels), since
   log p_t = -l_t of the plain cross-entropy; its backward likewise, with the incoming gradient
   -g folded into the row scale.
-- other outputs asked for: torch_backend.log_probs's chunk step (all of them in one pass over the
-  vocabulary, PyTorch ops on each chunk, any device); its backward when the entropy receives a
-  gradient, else the backend's cross-entropy backward as above.
-Both go through torch_backend.cross_entropy.chunked_linear_pass.
+- otherwise (other outputs, or a temperature after a softcap): the forward of
+  FORWARD_IMPLEMENTATIONS[backend] (triton: one row kernel reading each chunk's logits once),
+  else host.log_probs's chunk step (all of them in one pass over the vocabulary, PyTorch ops on
+  each chunk, any device); the backward is host.log_probs's (PyTorch, every backend) when the
+  entropy receives a gradient or a temperature follows a softcap, else the backend's
+  cross-entropy backward as above.
+Both go through host.cross_entropy.chunked_linear_pass.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -24,14 +28,16 @@ from fusedpeft.backends import implementation, resolve_backend
 from fusedpeft.core.dtypes import accumulation_dtype
 from fusedpeft.ops._common import eager_twin, empty_result, maybe, no_autocast, run, run_backward
 from fusedpeft.ops.cross_entropy import AUTO_BUDGET_MAX_BYTES, auto_chunk_budget
-from fusedpeft.torch_backend import log_probs as torch_log_probs
+from fusedpeft.host import log_probs as host_log_probs
 
-OUTPUTS = torch_log_probs.OUTPUTS
+OUTPUTS = host_log_probs.OUTPUTS
 # chunk_budget_bytes=None: auto_chunk_budget (the linear cross-entropy's rule), but at least
 # MIN_CHUNK_ROWS rows of logits per chunk (capped at AUTO_BUDGET_MAX_BYTES): measured on CPU (1024
 # rows, H 512, V 32000, fp32) the aspect-ratio rule alone gave ~16-row chunks and a forward 3.6x
 # slower than TRL's own head, 256 rows 1.9x faster (fwd+bwd 2.4x). TRL's head holds a 4096 x 32768 tile.
 MIN_CHUNK_ROWS = 256
+# backends with their own linear_log_probs_forward (host.log_probs's arguments and result)
+FORWARD_IMPLEMENTATIONS = {"triton": "fusedpeft.kernels.log_probs"}
 
 
 def _wanted(outputs: int) -> list[bool]:
@@ -57,8 +63,10 @@ def _linear_log_probs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
                 False, False, False)
             zeros = torch.zeros_like(loss)
             return -loss, zeros, zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
-        stats = torch_log_probs.linear_log_probs_forward(hidden, weight, bias, targets, row_mask, _wanted(outputs),
-                                                         inv_temperature, softcap, chunk_budget_bytes)
+        module = importlib.import_module(FORWARD_IMPLEMENTATIONS[backend]) if backend in FORWARD_IMPLEMENTATIONS \
+            else host_log_probs
+        stats = module.linear_log_probs_forward(hidden, weight, bias, targets, row_mask, _wanted(outputs),
+                                                inv_temperature, softcap, chunk_budget_bytes)
     return tuple(stats[index].clone() for index in range(6))
 
 
@@ -87,7 +95,7 @@ def _linear_log_probs_backward(grad_log_probs: Tensor, grad_entropy: Optional[Te
                 need_hidden, need_weight, need_bias)
         else:
             grad_entropy = None if grad_entropy is None else grad_entropy.to(acc) * row_mask.to(acc)
-            grads = torch_log_probs.linear_log_probs_backward(
+            grads = host_log_probs.linear_log_probs_backward(
                 grad_log_probs, grad_entropy, hidden, weight, bias, targets, lse, entropy, inv_temperature, softcap,
                 chunk_budget_bytes, need_hidden, need_weight, need_bias)
     return tuple(g if g is not None else empty_result(hidden) for g in grads)

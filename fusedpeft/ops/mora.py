@@ -33,8 +33,8 @@ from fusedpeft.ops._common import (
     save_weight,
     saved_weight,
 )
+from fusedpeft.core.mora import MoraGeometry
 from fusedpeft.torch_backend.mora import delta_weight
-from fusedpeft.torch_backend.mora_maps import MoraGeometry
 
 
 def _mora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: Tensor, mora_type: int, dropout_p: float,

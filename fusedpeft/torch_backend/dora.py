@@ -34,87 +34,28 @@ from __future__ import annotations
 import torch
 
 from fusedpeft.core.dtypes import accumulation_dtype
+from fusedpeft.host.dora import (
+    BLOCK_ELEMENTS,
+    expand_grads,
+    forward_no_dropout,
+    grad_B_from,
+    magnitude_grad_from_sums,
+    magnitude_grad_with_dropout,
+    row_blocks,
+)
+from fusedpeft.host.lora import expand_onto_base
 from fusedpeft.torch_backend.dropout import dropped_blocks
-from fusedpeft.torch_backend.lora import expand_onto_base
 
-
-# Rows of an [*, F] operand per block of the row-blocked passes: ~4 MiB of fp32 per temporary.
-_BLOCK_ELEMENTS = 1 << 20
-
-
-def _blocks(n_rows: int, n_cols: int):
-    step = max(1, _BLOCK_ELEMENTS // max(1, n_cols))
-    for start in range(0, n_rows, step):
-        yield slice(start, min(start + step, n_rows))
-
-
-# ------------------------------------------------------------------------------------------------
-# the weight norm, factored
-# ------------------------------------------------------------------------------------------------
-
-
-def weight_sq_norm(weight: torch.Tensor) -> torch.Tensor:
-    """||W_i||^2 [D] in fp32 (fp64 for fp64 W); 16-bit W is upcast a row block at a time."""
-    acc = accumulation_dtype(weight.dtype)
-    w = weight.detach()
-    if w.dtype == acc:
-        return torch.linalg.vector_norm(w, dim=1).square()
-    out = torch.empty(w.shape[0], dtype=acc, device=w.device)
-    for rows in _blocks(*w.shape):
-        out[rows] = torch.linalg.vector_norm(w[rows].to(acc), dim=1).square()
-    return out
-
-
-def _weight_times_At(weight: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """W A^T [D, r] in A's dtype (the accumulation dtype); 16-bit W upcast a row block at a time."""
-    w = weight.detach()
-    if w.dtype == A.dtype:
-        return w @ A.t()
-    out = torch.empty(w.shape[0], A.shape[0], dtype=A.dtype, device=w.device)
-    for rows in _blocks(*w.shape):
-        torch.mm(w[rows].to(A.dtype), A.t(), out=out[rows])
-    return out
-
-
-def weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                weight_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """n [D] = ||W_i + s (B A)_i||_2, detached, in fp32 (fp64 for fp64 W), never forming [D, K]:
-
-        n_i^2 = ||W_i||^2 + 2 s (B * (W A^T))_i . 1 + s^2 (B (A A^T) * B)_i . 1
-
-    weight [D, K], lora_A [r, K], lora_B [D, r]; weight_sq: ||W_i||^2 [D] when cached by the
-    caller (weight_sq_norm). FLOPs 2 D K r + 2 r^2 K + 2 D r^2; reads W once.
-    """
-    acc = accumulation_dtype(weight.dtype)
-    A = lora_A.detach().to(acc)
-    B = lora_B.detach().to(acc)
-    sq = weight_sq_norm(weight) if weight_sq is None else weight_sq.to(acc)
-    # both r-wide terms from one [D, r] matrix T = W A^T + (s/2) B (A A^T): n^2 = ||W||^2 + 2s (B * T) . 1
-    # (three small GEMMs and [D, r]-sized elementwise ops: each parallel region costs on a busy CPU)
-    T = _weight_times_At(weight, A).addmm_(B, A @ A.t(), alpha=0.5 * scaling)
-    return (B * T).sum(1).mul_(2.0 * scaling).add_(sq).clamp_min_(0.0).sqrt_()
-
-
-# ------------------------------------------------------------------------------------------------
-# forward / backward (the backend API of fusedpeft.ops.dora)
-# ------------------------------------------------------------------------------------------------
-
-
-def scale_output_(y: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = g * y + bias in place (one pass). y [N, D], g [D], bias [D] | None."""
-    if bias is None:
-        return y.mul_(g)
-    return torch.addcmul(bias, y, g, out=y)
+# the forward / backward (the backend API of fusedpeft.ops.dora); the weight norm and the pieces
+# the cpu and triton backends share are in fusedpeft/host/dora.py
 
 
 def dora_forward(x, weight, bias, lora_A, lora_B, g, scaling: float, dropout_p: float, seed):
     """x [N, K], weight [D, K], bias [D] | None, lora_A [r, K], lora_B [D, r], g [D] (m / n) ->
     (y [N, D], S [N, r], V [N, D] when dropout_p > 0 else an empty [0]), all in x's dtype."""
-    A = lora_A.to(x.dtype)
     if dropout_p == 0.0:
-        S = x @ A.t()
-        y = expand_onto_base(S, x, weight, None, lora_B, scaling)
-        return scale_output_(y, g, bias), S, x.new_empty(0)
+        return forward_no_dropout(x, weight, bias, lora_A, lora_B, g, scaling)
+    A = lora_A.to(x.dtype)
     S = x.new_empty(x.shape[0], A.shape[0])
     V = x.new_empty(x.shape[0], weight.shape[0])
     for rows, _, x_dropped in dropped_blocks(x, dropout_p, seed):
@@ -122,34 +63,6 @@ def dora_forward(x, weight, bias, lora_A, lora_B, g, scaling: float, dropout_p: 
         torch.mm(x_dropped, weight.t(), out=V[rows])
     y = expand_onto_base(S, x, weight, bias, lora_B * g[:, None], scaling)
     return y.addcmul_(V, g - 1), S, V
-
-
-def colsum_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_t a_tj b_tj [D] in the accumulation dtype, a row block at a time. a, b [N, D]."""
-    acc = accumulation_dtype(a.dtype)
-    out = torch.zeros(a.shape[1], dtype=acc, device=a.device)
-    for rows in _blocks(*a.shape):
-        out += (a[rows].to(acc) * b[rows].to(acc)).sum(0)
-    return out
-
-
-def _unscaled_columns(x, weight, lora_B, S, scaling: float, cols: torch.Tensor) -> torch.Tensor:
-    """u[:, cols] = x W[cols]^T + s S B[cols]^T [N, len(cols)] in the accumulation dtype."""
-    acc = accumulation_dtype(x.dtype)
-    return (x.to(acc) @ weight[cols].to(acc).t()).addmm_(S.to(acc), lora_B[cols].to(acc).t(), alpha=scaling)
-
-
-def expand_grads(dy, S, lora_B, g, scaling: float, need_S: bool, need_sdyS: bool):
-    """dS = dY (s g B) [N, r] in dY's dtype and s dY^T S [D, r] (LoRA's grad_B) in the
-    accumulation dtype; None when not needed."""
-    dS = dy @ (lora_B * (scaling * g)[:, None]).to(dy.dtype) if need_S else None
-    sdyS = torch.mm(S.t(), dy).t().to(accumulation_dtype(dy.dtype)).mul_(scaling) if need_sdyS else None
-    return dS, sdyS
-
-
-def grad_B_from(sdyS, lora_B, g) -> torch.Tensor:
-    """dB = g * (s dY^T S) [D, r] in lora_B's dtype."""
-    return (sdyS * g.to(sdyS.dtype)[:, None]).to(lora_B.dtype).contiguous()
 
 
 def backward_no_dropout(dy, x, weight, bias, lora_A, lora_B, g, out, S, dS, scaling: float, need_x: bool,
@@ -166,9 +79,9 @@ def backward_no_dropout(dy, x, weight, bias, lora_A, lora_B, g, out, S, dS, scal
     num = torch.zeros(dy.shape[1], dtype=acc, device=dy.device) if need_g else None
     A = lora_A.to(x.dtype)
     gx = g.to(x.dtype)
-    step = max(1, _BLOCK_ELEMENTS // max(1, dy.shape[1]))
+    step = max(1, BLOCK_ELEMENTS // max(1, dy.shape[1]))
     scratch = dy.new_empty(min(step, dy.shape[0]), dy.shape[1])
-    for rows in _blocks(*dy.shape):
+    for rows in row_blocks(*dy.shape):
         dyb, buf = dy[rows], scratch[: rows.stop - rows.start]
         if need_x:
             torch.mm(torch.mul(dyb, gx, out=buf), weight, out=grad_x[rows]).addmm_(dS[rows], A)
@@ -183,18 +96,6 @@ def backward_no_dropout(dy, x, weight, bias, lora_A, lora_B, g, out, S, dS, scal
             num -= bias.to(acc) * dy.sum(0, dtype=acc)
         grad_g = magnitude_grad_from_sums(num, dy, x, weight, lora_B, g, S, scaling).to(g.dtype)
     return grad_x, grad_A, grad_g
-
-
-def magnitude_grad_from_sums(num, dy, x, weight, lora_B, g, S, scaling: float) -> torch.Tensor:
-    """dg [D] (p = 0) = num / g with num = colsum(dY * (Y - bias)) = g * colsum(dY * u); for the
-    columns where g == 0 (Y holds no u there) from u recomputed for those columns only."""
-    gg = g.to(num.dtype)
-    zero = gg == 0
-    dg = num / torch.where(zero, torch.ones_like(gg), gg)
-    if bool(zero.any()):
-        cols = zero.nonzero().squeeze(1)
-        dg[cols] = (dy[:, cols].to(num.dtype) * _unscaled_columns(x, weight, lora_B, S, scaling, cols)).sum(0)
-    return dg
 
 
 def dora_backward(grad_y, x, weight, bias, lora_A, lora_B, g, saved, S, scaling: float, dropout_p: float, seed,
@@ -226,8 +127,3 @@ def dora_backward(grad_y, x, weight, bias, lora_A, lora_B, g, saved, S, scaling:
                 grad_x[rows].addcmul_(t.addmm_(dS[rows], A), multiplier)
     grad_A = grad_A_acc.to(lora_A.dtype) if need_A else None
     return grad_x, grad_A, grad_B, grad_g
-
-
-def magnitude_grad_with_dropout(dy, V, lora_B, sdyS, g) -> torch.Tensor:
-    """dg [D] (p > 0) = colsum(dY * V) + rowsum(B * (s dY^T S')), in g's dtype."""
-    return (colsum_product(dy, V) + (lora_B.to(sdyS.dtype) * sdyS).sum(1)).to(g.dtype)

@@ -3,7 +3,7 @@
 Nothing of size x is ever stored: callers walk the rows of x[M, K] in blocks and get, per block,
 the multiplier keep / (1 - p) in x's dtype. The Philox stream in eager PyTorch costs about 120
 int64 tensor operations per element (measured ~70x slower than F.dropout on CPU), so the mask
-comes from a torch.compile'd copy of the reference formula, fused with the multiplier and the
+comes from a torch.compile'd copy of core/philox.py's formula, fused with the multiplier and the
 dropped block (one loop, same bits; one compile per process and device type, ~8 s on CPU, then
 Inductor's cache), with the keys, first row and p passed as tensors so that one graph serves
 every seed, block and p. Where compiling
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import torch
 
-from fusedpeft.reference import _MASK32, philox4x32_words, uniform_from_word
+from fusedpeft.core.philox import MASK32, keep_mask
 
 # Elements of x per block. Compiled mask: 2^20 on CPU. Measured on the loaded 2-core VM (2048 x
 # 1024 fp32, r=16, p=0.05, LoRA fwd+bwd): 2^20 ~280-310 ms and 64 MiB peak extra memory (block
@@ -45,12 +45,11 @@ def row_blocks(n_rows: int, n_cols: int, device_type: str = "cpu") -> Iterator[s
 
 def mask_from_keys(k0: torch.Tensor, k1: torch.Tensor, row_start: torch.Tensor, n_rows: int, n_cols: int,
                    p: torch.Tensor) -> torch.Tensor:
-    """reference.dropout_keep_mask with tensor arguments: k0 / k1 the seed's low / high 32 bits and
+    """The keep mask of docs/contract.md §5 with tensor arguments: k0 / k1 the seed's low / high 32 bits and
     row_start (0-dim int64), p (0-dim float32) -> bool [n_rows, n_cols], True where kept."""
     rows = torch.arange(n_rows, dtype=torch.int64, device=k0.device).unsqueeze(1) + row_start
     cols = torch.arange(n_cols, dtype=torch.int64, device=k0.device).unsqueeze(0)
-    word = philox4x32_words(k0, k1, ((rows * n_cols + cols) & _MASK32, 0, 0, 0))[0]
-    return uniform_from_word(word) >= p
+    return keep_mask(k0, k1, rows * n_cols + cols, p)
 
 
 def dropped_block(x: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, row_start: torch.Tensor,
@@ -75,7 +74,7 @@ def dropout_multiplier_and_input(x: torch.Tensor, seed: torch.Tensor, p: float, 
     """For the block x[rows] of x [M, K]: (keep / (1 - p), dropout(x)[rows]), each [len(rows), K] in x's dtype."""
     device = x.device
     seed = torch.as_tensor(seed, dtype=torch.int64).to(device)
-    args = (x[rows], seed & _MASK32, (seed >> 32) & _MASK32, torch.tensor(rows.start, dtype=torch.int64, device=device),
+    args = (x[rows], seed & MASK32, (seed >> 32) & MASK32, torch.tensor(rows.start, dtype=torch.int64, device=device),
             torch.tensor(p, dtype=torch.float32, device=device),
             torch.tensor(1.0 / (1.0 - p), dtype=x.dtype, device=device))
     fn = _block_function(device)

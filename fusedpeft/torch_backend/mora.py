@@ -21,8 +21,8 @@ from fusedpeft.core.dtypes import accumulation_dtype
 from fusedpeft.quantized import dense_weight
 from fusedpeft.torch_backend.dropout import dropped_blocks
 from fusedpeft.torch_backend.lora import add_base_input_grad_, base_input_grad
+from fusedpeft.core.mora import MoraGeometry
 from fusedpeft.torch_backend.mora_maps import (
-    MoraGeometry,
     chunk_input,
     chunk_input_add_,
     chunk_output_grad,
@@ -34,7 +34,6 @@ from fusedpeft.torch_backend.mora_maps import (
     rope_blocks,
     rotate_rows,
     shared_merged_weight,
-    used_chunks,
 )
 
 # "merged" pays a fixed cost per call, one extra pass over W (W read, W + ΔW [D, K] written and read
@@ -56,7 +55,7 @@ def merged_weight(weight: torch.Tensor, M: torch.Tensor, g: MoraGeometry) -> tor
         return shared_merged_weight(weight, M, g)
     out = weight.clone()
     blocks = rope_blocks(M, g).to(out.dtype)
-    for i in used_chunks(g):
+    for i in range(g.used):
         for start, stop in chunk_targets(i, g):
             chunk_input_add_(out[start:stop], blocks[i, : stop - start], i, g)
     return out
@@ -81,7 +80,7 @@ def _adapter_add_(y: torch.Tensor, x: torch.Tensor, M_x: torch.Tensor, g: MoraGe
     if g.mora_type != 6:
         decompress_add_(y, compress(x, g) @ M_x.t(), g)
         return
-    for i in used_chunks(g):
+    for i in range(g.used):
         x_i = chunk_input(x, i, g)
         targets = chunk_targets(i, g)
         if len(targets) == 1 and targets[0][1] - targets[0][0] == g.r_hat:
@@ -97,7 +96,7 @@ def _adapter_input_grad_add_(out: torch.Tensor, grad_y: torch.Tensor, M_x: torch
     if g.mora_type != 6:
         compress_transpose_add_(out, decompress_transpose(grad_y, g) @ M_x, g)
         return
-    for i in used_chunks(g):
+    for i in range(g.used):
         chunk_input_add_(out, chunk_output_grad(grad_y, i, g) @ M_x[i], i, g)
 
 
@@ -112,7 +111,7 @@ def adapter_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, g: MoraGeometry) 
     products = torch.bmm(grad_y[:, : aligned * r].view(n, aligned, r).permute(1, 2, 0),
                          x[:, : aligned * r].view(n, aligned, r).transpose(0, 1)).to(acc)
     grad_M = rotate_rows(products, slice(0, aligned), g).sum(0)
-    for i in range(aligned, len(used_chunks(g))):
+    for i in range(aligned, g.used):
         product = chunk_output_grad(grad_y, i, g).t() @ chunk_input(x, i, g)
         grad_M += rotate_rows(product.to(acc), i, g)
     return grad_M

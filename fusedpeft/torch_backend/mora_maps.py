@@ -10,36 +10,9 @@ All index arithmetic is on views of the caller's tensors; the only copies are [N
 
 from __future__ import annotations
 
-import functools
-import math
-from dataclasses import dataclass
-
 import torch
 
-from fusedpeft.reference import mora_padding, mora_rope_tables
-
-
-@dataclass(frozen=True)
-class MoraGeometry:
-    """Sizes of one MoRA layer: k in_features, d out_features, R = r_hat, wrap padding, chunks."""
-
-    in_features: int
-    out_features: int
-    r_hat: int
-    mora_type: int
-
-    @property
-    def pad(self) -> int:
-        return mora_padding(self.in_features, self.r_hat, self.mora_type)
-
-    @property
-    def n_chunks(self) -> int:
-        return (self.in_features + self.pad) // self.r_hat
-
-    @property
-    def full_chunks(self) -> int:
-        """Chunks that lie entirely inside x (the last one is split by the wrap when pad > 0)."""
-        return self.in_features // self.r_hat
+from fusedpeft.core.mora import MoraGeometry, rope_tables, rotate_half
 
 
 def _sum_groups(x: torch.Tensor, sizes: tuple[int, int], counts: tuple[int, int]) -> torch.Tensor:
@@ -176,18 +149,6 @@ def shared_merged_weight(weight: torch.Tensor, M: torch.Tensor, g: MoraGeometry)
 # ----------------------------------------------------------------------------- type 6
 
 
-@functools.lru_cache(maxsize=64)
-def rope_tables(r_hat: int, n_chunks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cached fp32 cos, sin [n_chunks, R] (docs/contract.md §3); never part of a state_dict."""
-    return mora_rope_tables(r_hat, n_chunks, device)
-
-
-def rotate_half(z: torch.Tensor) -> torch.Tensor:
-    """[a, b] -> [-b, a] over the last dimension."""
-    half = z.shape[-1] // 2
-    return torch.cat([-z[..., half:], z[..., :half]], dim=-1)
-
-
 def rope_blocks(M: torch.Tensor, g: MoraGeometry) -> torch.Tensor:
     """B_i = M·R_i for every chunk -> [n, R, R], in M's dtype (fp32 when M is 16-bit)."""
     Mc = M.float() if M.element_size() < 4 else M
@@ -205,11 +166,6 @@ def rotate_rows(c: torch.Tensor, chunk: int | slice, g: MoraGeometry) -> torch.T
     if isinstance(chunk, slice):
         cos, sin = cos[:, None, :], sin[:, None, :]
     return c * cos + rotate_half(c) * sin
-
-
-def used_chunks(g: MoraGeometry) -> range:
-    """Chunks that reach at least one output (all of them when n R <= D)."""
-    return range(min(g.n_chunks, math.ceil(g.out_features / g.r_hat)))
 
 
 def chunk_targets(chunk: int, g: MoraGeometry) -> list[tuple[int, int]]:

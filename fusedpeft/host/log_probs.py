@@ -2,7 +2,7 @@
 top-1 flag of each row) in the chunk loop of linear cross-entropy (docs/contract.md §4).
 
 What TRL's fused LM head returns, without rows x V logits: the rows go through
-torch_backend.cross_entropy.chunked_linear_pass (the one chunk loop of every backend) with their
+host.cross_entropy.chunked_linear_pass (the one chunk loop of every backend) with their
 own ROW IDS in place of the labels, so each chunk step reads its rows' targets and writes its
 per-row statistics into [N] buffers by those ids. Logits of a row: z = softcap(h W^T + b) / T
 (softcap c tanh(./c) when given, then the inverse temperature ``inv_temperature``).
@@ -19,8 +19,7 @@ import functools
 
 import torch
 
-from fusedpeft.core.dtypes import accumulation_dtype
-from fusedpeft.torch_backend.cross_entropy import apply_softcap_, chunked_linear_pass
+from fusedpeft.host.cross_entropy import accumulation_dtype, apply_softcap_, chunked_linear_pass
 
 # per-token outputs in the order of the forward's stacked result
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
