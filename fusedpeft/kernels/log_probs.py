@@ -5,7 +5,7 @@ for lse, log p, entropy, log sum p^2, mean logit and is_top1. The backward is no
 layer uses the triton cross-entropy backward for log p alone, host.log_probs's PyTorch
 chunk step when the entropy gets a gradient or a temperature follows a softcap.
 
-Autotuning: (BLOCK_V, num_warps) per architecture (sm_90+, and sm_80 for the rest), keyed on V
+Autotuning: (BLOCK_V, num_warps) per arch class (kernels/_common.arch_class_of), keyed on V
 and the constexprs; one fixed config under TRITON_INTERPRET=1.
 """
 
