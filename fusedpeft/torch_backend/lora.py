@@ -30,7 +30,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: flo
     A = lora_A.to(x.dtype)
     if dropout_p > 0.0:
         S = x.new_empty(x.shape[0], A.shape[0])
-        for rows, _, x_dropped in dropped_blocks(x, dropout_p, seed):
+        for rows, x_dropped in dropped_blocks(x, dropout_p, seed):
             torch.mm(x_dropped, A.t(), out=S[rows])
     else:
         S = x @ A.t()
@@ -65,17 +65,17 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling: float, dropout_
     grad_B = lora_B_grad(S, grad_y, lora_B, scaling) if need_B else None
     grad_A = None
     if dropout_p > 0.0:
-        grad_x = base_input_grad(grad_y, weight, x) if need_x else None
+        grad_x = torch.empty_like(x) if need_x else None
         acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         grad_A_acc = torch.zeros(A.shape, dtype=acc_dtype, device=x.device) if need_A else None
         if need_x or need_A:
-            for rows, multiplier, x_dropped in dropped_blocks(x, dropout_p, seed):
+            branch = (lambda rows: grad_S[rows] @ A) if need_x else None
+            for rows, x_dropped in dropped_blocks(x, dropout_p, seed, grad_x, branch):  # grad_x = dropout'(dS @ A)
                 if need_A:
                     grad_A_acc += (grad_S[rows].t() @ x_dropped).to(acc_dtype)
-                if need_x:
-                    grad_x[rows].addcmul_(grad_S[rows] @ A, multiplier)
         if need_A:
             grad_A = grad_A_acc.to(lora_A.dtype)
+        grad_x = add_base_input_grad_(grad_x, grad_y, weight) if need_x else None
     else:
         if need_A:
             grad_A = (grad_S.t() @ x).to(lora_A.dtype)

@@ -19,7 +19,7 @@ def _shrink(x: torch.Tensor, A: torch.Tensor, dropout_p: float, seed) -> torch.T
     if dropout_p == 0.0:
         return x @ A.t()
     S = x.new_empty(x.shape[0], A.shape[0])
-    for rows, _, x_dropped in dropped_blocks(x, dropout_p, seed):
+    for rows, x_dropped in dropped_blocks(x, dropout_p, seed):
         torch.mm(x_dropped, A.t(), out=S[rows])
     return S
 
@@ -63,13 +63,12 @@ def lora_grouped_backward(grad_ys, x, weights, lora_As, lora_Bs, S, scalings, dr
         A = torch.cat([A_i.to(x.dtype) for A_i in lora_As])
         acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if dropout_p > 0.0:
-            grad_x = x.new_zeros(x.shape) if need_x else None
+            grad_x = torch.empty_like(x) if need_x else None
             dA = torch.zeros(A.shape, dtype=acc_dtype, device=x.device) if need_A else None
-            for rows, multiplier, x_dropped in dropped_blocks(x, dropout_p, seed):
+            branch = (lambda rows: dS[rows] @ A) if need_x else None
+            for rows, x_dropped in dropped_blocks(x, dropout_p, seed, grad_x, branch):  # grad_x = dropout'(dS @ A)
                 if need_A:
                     dA += (dS[rows].t() @ x_dropped).to(acc_dtype)
-                if need_x:
-                    grad_x[rows] = (dS[rows] @ A) * multiplier
         else:
             dA = (dS.t() @ x).to(acc_dtype) if need_A else None
             grad_x = dS @ A if need_x else None
