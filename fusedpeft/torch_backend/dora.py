@@ -58,7 +58,7 @@ def dora_forward(x, weight, bias, lora_A, lora_B, g, scaling: float, dropout_p: 
     A = lora_A.to(x.dtype)
     S = x.new_empty(x.shape[0], A.shape[0])
     V = x.new_empty(x.shape[0], weight.shape[0])
-    for rows, _, x_dropped in dropped_blocks(x, dropout_p, seed):
+    for rows, x_dropped in dropped_blocks(x, dropout_p, seed):
         torch.mm(x_dropped, A.t(), out=S[rows])
         torch.mm(x_dropped, weight.t(), out=V[rows])
     y = expand_onto_base(S, x, weight, bias, lora_B * g[:, None], scaling)
@@ -113,17 +113,17 @@ def dora_backward(grad_y, x, weight, bias, lora_A, lora_B, g, saved, S, scaling:
                                                      need_x, need_A, need_g)
         return grad_x, grad_A, grad_B, grad_g
     grad_g = magnitude_grad_with_dropout(dy, saved, lora_B, sdyS, g) if need_g else None
-    grad_x = dy @ weight if need_x else None
+    grad_x = torch.empty_like(x) if need_x else None
     A = lora_A.to(x.dtype)
     acc = acc_dtype(x.dtype)
     grad_A_acc = torch.zeros(A.shape, dtype=acc, device=x.device) if need_A else None
     if need_S:
         g1 = (g - 1).to(x.dtype)
-        for rows, multiplier, x_dropped in dropped_blocks(x, dropout_p, seed):
+        branch = (lambda rows: ((dy[rows] * g1) @ weight).addmm_(dS[rows], A)) if need_x else None
+        for rows, x_dropped in dropped_blocks(x, dropout_p, seed, grad_x, branch):  # grad_x = dropout'(branch)
             if need_A:
                 grad_A_acc += (dS[rows].t() @ x_dropped).to(acc)
-            if need_x:
-                t = (dy[rows] * g1) @ weight
-                grad_x[rows].addcmul_(t.addmm_(dS[rows], A), multiplier)
+    if need_x:
+        grad_x.addmm_(dy, weight)
     grad_A = grad_A_acc.to(lora_A.dtype) if need_A else None
     return grad_x, grad_A, grad_B, grad_g
