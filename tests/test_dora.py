@@ -271,9 +271,11 @@ def test_bad_input():
     layer = fp.LoRALinear(nn.Linear(4, 4), r=2, use_dora=True)
     with pytest.raises(ValueError, match="DoRA"):
         check_group([layer, fp.LoRALinear(nn.Linear(4, 4), r=2)])
-    bnb = pytest.importorskip("bitsandbytes")
-    with pytest.raises(TypeError, match=r"use_dora=True on a quantized base \(Linear8bitLt\)"):
-        fp.LoRALinear(bnb.nn.Linear8bitLt(8, 4, has_fp16_weights=False), r=2, use_dora=True)
+    bnb = pytest.importorskip("bitsandbytes")  # quantized bases take DoRA (tests/test_dora_qlora.py)
+    eight_bit = fp.LoRALinear(bnb.nn.Linear8bitLt(8, 4, has_fp16_weights=False).to("cpu"), r=2, use_dora=True)
+    assert eight_bit.lora_magnitude_vector.shape == (4,)
+    with pytest.raises(ValueError, match="never quantized"):  # a 4-bit layer never moved to a device
+        fp.LoRALinear(bnb.nn.Linear4bit(8, 4), r=2, use_dora=True)
 
 
 def test_apply_lora_use_dora():

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import torch
 
+from fusedpeft.quantized import dense_weight, row_blocks
 from fusedpeft.torch_backend.dropout import dropped_blocks
-from fusedpeft.torch_backend.lora import expand_onto_base
+from fusedpeft.torch_backend.lora import base_input_grad, expand_onto_base
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -57,25 +58,25 @@ def _blocks(n_rows: int, n_cols: int):
 
 
 def weight_sq_norm(weight: torch.Tensor) -> torch.Tensor:
-    """||W_i||^2 [D] in fp32 (fp64 for fp64 W); 16-bit W is upcast a row block at a time."""
+    """||W_i||^2 [D] in fp32 (fp64 for fp64 W); 16-bit W is upcast, a quantized one
+    (fusedpeft.quantized.QuantizedWeight) dequantized, a row block at a time."""
     acc = acc_dtype(weight.dtype)
-    w = weight.detach()
-    if w.dtype == acc:
-        return torch.linalg.vector_norm(w, dim=1).square()
-    out = torch.empty(w.shape[0], dtype=acc, device=w.device)
-    for rows in _blocks(*w.shape):
-        out[rows] = torch.linalg.vector_norm(w[rows].to(acc), dim=1).square()
+    if isinstance(weight, torch.Tensor) and weight.dtype == acc:
+        return torch.linalg.vector_norm(weight.detach(), dim=1).square()
+    out = torch.empty(weight.shape[0], dtype=acc, device=weight.device)
+    for rows, w in row_blocks(weight, acc, _BLOCK_ELEMENTS):
+        out[rows] = torch.linalg.vector_norm(w, dim=1).square()
     return out
 
 
 def _weight_times_At(weight: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """W A^T [D, r] in A's dtype (the accumulation dtype); 16-bit W upcast a row block at a time."""
-    w = weight.detach()
-    if w.dtype == A.dtype:
-        return w @ A.t()
-    out = torch.empty(w.shape[0], A.shape[0], dtype=A.dtype, device=w.device)
-    for rows in _blocks(*w.shape):
-        torch.mm(w[rows].to(A.dtype), A.t(), out=out[rows])
+    """W A^T [D, r] in A's dtype (the accumulation dtype); 16-bit W upcast, a quantized one
+    dequantized, a row block at a time."""
+    if isinstance(weight, torch.Tensor) and weight.dtype == A.dtype:
+        return weight.detach() @ A.t()
+    out = torch.empty(weight.shape[0], A.shape[0], dtype=A.dtype, device=weight.device)
+    for rows, w in row_blocks(weight, A.dtype, _BLOCK_ELEMENTS):
+        torch.mm(w, A.t(), out=out[rows])
     return out
 
 
@@ -103,6 +104,24 @@ def weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
 # ------------------------------------------------------------------------------------------------
 
 
+def dora_weights(weight, dtype: torch.dtype, dropout_p: float, dequantize_4bit=None):
+    """(W for the base product, W for V = x' W^T), each [D, K] in ``dtype`` or None.
+
+    A dense or 4-bit weight is both (a 4-bit one dequantized once, by ``dequantize_4bit`` when
+    given, else by bitsandbytes: fusedpeft.quantized.dense_weight). An 8-bit one has no base
+    product here (None: fusedpeft.ops.dora scales bitsandbytes' own output); with dropout V
+    reads its int8 rows times their scales (what PEFT's DoRA multiplies x' by), else None."""
+    if isinstance(weight, torch.Tensor) or weight.kind != "8bit":
+        w = dense_weight(weight, dtype, dequantize_4bit)
+        return w, w
+    if dropout_p == 0.0:
+        return None, None
+    v = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    for rows, block in row_blocks(weight, dtype):
+        v[rows] = block
+    return None, v
+
+
 def scale_output_(y: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = g * y + bias in place (one pass). y [N, D], g [D], bias [D] | None."""
     if bias is None:
@@ -112,17 +131,19 @@ def scale_output_(y: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None) -
 
 def dora_forward(x, weight, bias, lora_A, lora_B, g, scaling: float, dropout_p: float, seed):
     """x [N, K], weight [D, K], bias [D] | None, lora_A [r, K], lora_B [D, r], g [D] (m / n) ->
-    (y [N, D], S [N, r], V [N, D] when dropout_p > 0 else an empty [0]), all in x's dtype."""
+    (y [N, D], S [N, r], V [N, D] when dropout_p > 0 else an empty [0]), all in x's dtype.
+    weight may be a fusedpeft.quantized.QuantizedWeight (see dora_weights)."""
+    weight, v_weight = dora_weights(weight, x.dtype, dropout_p)
     A = lora_A.to(x.dtype)
     if dropout_p == 0.0:
         S = x @ A.t()
         y = expand_onto_base(S, x, weight, None, lora_B, scaling)
         return scale_output_(y, g, bias), S, x.new_empty(0)
     S = x.new_empty(x.shape[0], A.shape[0])
-    V = x.new_empty(x.shape[0], weight.shape[0])
+    V = x.new_empty(x.shape[0], v_weight.shape[0])
     for rows, _, x_dropped in dropped_blocks(x, dropout_p, seed):
         torch.mm(x_dropped, A.t(), out=S[rows])
-        torch.mm(x_dropped, weight.t(), out=V[rows])
+        torch.mm(x_dropped, v_weight.t(), out=V[rows])
     y = expand_onto_base(S, x, weight, bias, lora_B * g[:, None], scaling)
     return y.addcmul_(V, g - 1), S, V
 
@@ -137,9 +158,13 @@ def colsum_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _unscaled_columns(x, weight, lora_B, S, scaling: float, cols: torch.Tensor) -> torch.Tensor:
-    """u[:, cols] = x W[cols]^T + s S B[cols]^T [N, len(cols)] in the accumulation dtype."""
+    """u[:, cols] = x W[cols]^T + s S B[cols]^T [N, len(cols)] in the accumulation dtype (no x W^T
+    term when weight is None: an 8-bit base, whose product is outside the op)."""
     acc = acc_dtype(x.dtype)
-    return (x.to(acc) @ weight[cols].to(acc).t()).addmm_(S.to(acc), lora_B[cols].to(acc).t(), alpha=scaling)
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        weight = dora_weights(weight, x.dtype, 0.0)[0]
+    u = (S.to(acc) @ lora_B[cols].to(acc).t()).mul_(scaling)
+    return u if weight is None else u.addmm_(x.to(acc), weight[cols].to(acc).t())
 
 
 def expand_grads(dy, S, lora_B, g, scaling: float, need_S: bool, need_sdyS: bool):
@@ -173,7 +198,9 @@ def backward_no_dropout(dy, x, weight, bias, lora_A, lora_B, g, out, S, dS, scal
     scratch = dy.new_empty(min(step, dy.shape[0]), dy.shape[1])
     for rows in _blocks(*dy.shape):
         dyb, buf = dy[rows], scratch[: rows.stop - rows.start]
-        if need_x:
+        if need_x and weight is None:  # 8-bit base: its part of dX flows through bitsandbytes' own layer
+            torch.mm(dS[rows], A, out=grad_x[rows])
+        elif need_x:
             torch.mm(torch.mul(dyb, gx, out=buf), weight, out=grad_x[rows]).addmm_(dS[rows], A)
         if need_g:
             if acc == dy.dtype:
@@ -205,8 +232,12 @@ def dora_backward(grad_y, x, weight, bias, lora_A, lora_B, g, saved, S, scaling:
     """grad_y [N, D] -> (grad_x [N, K] | None, grad_A [r, K] | None, grad_B [D, r] | None, grad_g [D] | None).
 
     saved: the output Y [N, D] when dropout_p == 0, V = x' W^T [N, D] otherwise. grad_x in x's
-    dtype, grad_A / grad_B / grad_g in lora_A's / lora_B's / g's dtypes."""
+    dtype, grad_A / grad_B / grad_g in lora_A's / lora_B's / g's dtypes. weight may be a
+    fusedpeft.quantized.QuantizedWeight (dequantized again here, see dora_weights)."""
     dy = grad_y.to(x.dtype)
+    v_weight = None
+    if need_x:  # else weight stays as given: only zero-magnitude columns of dg read it
+        weight, v_weight = dora_weights(weight, x.dtype, dropout_p)
     need_S = need_x or need_A
     dS, sdyS = expand_grads(dy, S, lora_B, g, scaling, need_S, need_B or (need_g and dropout_p > 0.0))
     grad_B = grad_B_from(sdyS, lora_B, g) if need_B else None
@@ -215,7 +246,7 @@ def dora_backward(grad_y, x, weight, bias, lora_A, lora_B, g, saved, S, scaling:
                                                      need_x, need_A, need_g)
         return grad_x, grad_A, grad_B, grad_g
     grad_g = magnitude_grad_with_dropout(dy, saved, lora_B, sdyS, g) if need_g else None
-    grad_x = dy @ weight if need_x else None
+    grad_x = base_input_grad(dy, weight, x) if need_x else None
     A = lora_A.to(x.dtype)
     acc = acc_dtype(x.dtype)
     grad_A_acc = torch.zeros(A.shape, dtype=acc, device=x.device) if need_A else None
@@ -225,7 +256,7 @@ def dora_backward(grad_y, x, weight, bias, lora_A, lora_B, g, saved, S, scaling:
             if need_A:
                 grad_A_acc += (dS[rows].t() @ x_dropped).to(acc)
             if need_x:
-                t = (dy[rows] * g1) @ weight
+                t = (dy[rows] * g1) @ v_weight
                 grad_x[rows].addcmul_(t.addmm_(dS[rows], A), multiplier)
     grad_A = grad_A_acc.to(lora_A.dtype) if need_A else None
     return grad_x, grad_A, grad_B, grad_g
