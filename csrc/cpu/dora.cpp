@@ -8,7 +8,7 @@
 // One parallel region replaces ~12 elementwise / GEMM calls of the PyTorch path (on a busy 2-core
 // machine each region can cost a scheduler time slice) and dY is read once.
 // FLOPs 2 N D K + 4 N r (D + K) + 3 N D; bytes 2 N D s (dY, Y) + N K s (x, if dA) + N K s (dX) + D K s.
-#include "../checks.h"
+#include "../dora.h"
 #include "common.h"
 
 #include <torch/library.h>
@@ -20,26 +20,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward_p0(
     const at::Tensor& grad_y_in, const at::Tensor& out_in, const at::Tensor& x_in, const at::Tensor& weight,
     const at::Tensor& S_in, const at::Tensor& A_in, const at::Tensor& B_in, const at::Tensor& g_in, double scaling,
     bool need_x, bool need_A, bool need_B, bool need_g) {
-  const char* op = "fusedpeft_C::dora_backward_p0";
-  check_matrix(op, "grad_y", grad_y_in, "[N, D]");
-  check_matrix(op, "out", out_in, "[N, D]");
-  check_matrix(op, "x", x_in, "[N, K]");
-  check_matrix(op, "weight", weight, "[D, K]");
-  check_matrix(op, "S", S_in, "[N, r]");
-  check_matrix(op, "lora_A", A_in, "[r, K]");
-  check_matrix(op, "lora_B", B_in, "[D, r]");
-  check_floating(op, "grad_y", grad_y_in);
+  check_dora_backward_p0_args("fusedpeft_C::dora_backward_p0", grad_y_in, out_in, x_in, weight, S_in, A_in, B_in,
+                              g_in);
   const int64_t rows = grad_y_in.size(0), D = grad_y_in.size(1), K = x_in.size(1), r = S_in.size(1);
-  TORCH_CHECK(out_in.sizes() == grad_y_in.sizes(), op, ": out must have grad_y's shape ", shape_str(grad_y_in),
-              ", got ", shape_str(out_in));
-  TORCH_CHECK(x_in.size(0) == rows && S_in.size(0) == rows, op, ": x and S must have ", rows, " rows, got ",
-              shape_str(x_in), " and ", shape_str(S_in));
-  TORCH_CHECK(weight.size(0) == D && weight.size(1) == K, op, ": weight must have shape [", D, ", ", K, "], got ",
-              shape_str(weight));
-  TORCH_CHECK(A_in.size(0) == r && A_in.size(1) == K && B_in.size(0) == D && B_in.size(1) == r, op,
-              ": lora_A must be [", r, ", ", K, "] and lora_B [", D, ", ", r, "], got ", shape_str(A_in), " and ",
-              shape_str(B_in));
-  TORCH_CHECK(g_in.dim() == 1 && g_in.size(0) == D, op, ": g must have shape [", D, "], got ", shape_str(g_in));
   const auto dtype = grad_y_in.scalar_type();
   const auto acc = compute_dtype(dtype);
   const auto acc_opts = grad_y_in.options().dtype(acc);
