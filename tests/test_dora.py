@@ -206,6 +206,33 @@ def test_zero_magnitude_rows_get_the_right_gradient():
     assert layer.lora_magnitude_vector.grad[2].abs() > 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_merged_form_matches_peft(backend, dtype, bias):
+    """fp32 / fp64 with enough rows: y = x W''^T + bias and dX = dY W'', W'' = g (W + s B A)
+    (torch_backend/dora.py); a zero magnitude row included."""
+    in_f, out_f, r, alpha = 40, 23, 4, 9.0
+    pm, layer = _peft_dora(in_f, out_f, r, alpha, bias, dtype)
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight[3] = 0.0
+    fused = _fused_from(layer, r, alpha, backend)
+    x = torch.randn(2, 40, in_f, dtype=dtype)
+    from fusedpeft.torch_backend.dora import merged_strategy
+
+    assert merged_strategy(x.reshape(-1, in_f), fused.base_layer.weight, 0.0)
+    x_p, x_f = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y_p, y_f = pm(x_p), fused(x_f)
+    _close(y_f, y_p, dtype)
+    g = torch.randn_like(y_p)
+    y_p.backward(g)
+    y_f.backward(g)
+    _close(x_f.grad, x_p.grad, dtype)
+    for mine, theirs in zip(_params(fused), _peft_params(layer)):
+        _close(mine.grad, theirs.grad, dtype)
+    assert fused.lora_magnitude_vector.grad[3].abs() > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_merge_unmerge_and_merge_adapters_match_peft(dtype):
     r, alpha = 4, 9.0

@@ -1,13 +1,16 @@
 """DoRA on the C++ kernels: LoRA's shrink kernels (in-kernel SPEC §5 dropout) and ATen GEMMs.
 
 Same API and formulas as fusedpeft.torch_backend.dora (see there for what is saved and why).
-Forward:  p = 0: as the torch path (plain ATen GEMMs, one in-place pass y = g * u + bias).
+Forward:  p = 0: as the torch path (plain ATen GEMMs, one in-place pass y = g * u + bias; or its
+          "merged" form y = x W''^T + bias, W'' = g (W + s B A), in fp32 / fp64 with enough rows).
           p > 0: S' = dropout(x) A^T and V = dropout(x) W^T by fusedpeft_C::lora_shrink (the
           mask generated in the kernel, block by block; no dropped copy of x), then
           y = x W^T + bias + (g - 1) * V + g s S' B^T.
 Backward: p = 0: everything (dX, dA, dB and colsum(dY * Y) for dg) by fusedpeft_C::dora_backward_p0:
           on CPU one parallel pass over dY and Y, row blocks at a time (csrc/cpu/dora.cpp); on
           CUDA one kernel pass gives dY * g and colsum(dY * Y) (csrc/cuda/dora.cu), cuBLAS the rest;
+          in the "merged" form (fp32 / fp64, enough rows) the kernel skips dX, which is one GEMM
+          dY W'' (the kernel's per-block dX GEMMs measured ~1.5x one big GEMM);
           p > 0: dS = s dY (g B) and s dY^T S from one blocked pass over dY on CPU
           (fusedpeft_C::lora_expand_backward, with g B in place of B; ATen GEMMs on CUDA);
           p > 0: fusedpeft_C::lora_shrink_backward gives dropout'(dS A) with dA = dS^T dropout(x),
@@ -34,6 +37,8 @@ from fusedpeft.torch_backend.dora import (
     grad_B_from,
     magnitude_grad_from_sums,
     magnitude_grad_with_dropout,
+    merged_strategy,
+    merged_weight,
 )
 from fusedpeft.torch_backend.lora import expand_onto_base
 
@@ -93,9 +98,12 @@ def dora_backward(grad_y, x, weight, bias, lora_A, lora_B, g, saved, S, scaling:
     if not isinstance(weight, torch.Tensor):  # 4-bit: dequantized for dX only
         dense = dora_weights(weight, x.dtype, dropout_p, dequantize_4bit)[0] if need_x else None
     if dropout_p == 0.0:
+        merged = need_x and merged_strategy(x, dense, 0.0)
         w = dense if dense is not None else x.new_empty(1, 1).expand(*weight.shape)  # not read without need_x
         grad_x, grad_A, grad_B, num = _ops.dora_backward_p0(dy, saved, x, w, S, lora_A, lora_B, g, scaling,
-                                                            need_x, need_A, need_B, need_g)
+                                                            need_x and not merged, need_A, need_B, need_g)
+        if merged:  # dX = dY W'' as one GEMM (torch_backend.dora's "merged" form)
+            grad_x = dy @ merged_weight(dense, lora_A, lora_B, g, scaling)
         grad_g = None
         if need_g:
             if bias is not None:

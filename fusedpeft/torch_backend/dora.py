@@ -5,6 +5,11 @@ With g = m / n [D] (n detached, computed by ``weight_norm`` below without any [D
   p = 0:  y = g * (x W^T + s S B^T) + bias,  S = x A^T [N, r]
           (LoRA's expand_onto_base gives u = x W^T + s S B^T in y's buffer; one in-place pass
           scales it by g and adds the bias.)
+          "merged" (fp32 / fp64, a dense W, N >= max(64, K / 2) rows): y = x W''^T + bias and
+          dX = dY W'' with W'' = g (W + s B A) [D, K] (built in forward, rebuilt in backward:
+          one D x r x K product and one row-scale pass over W each), so y and dX cost exactly
+          the base GEMMs: no [N, D] rank-r product, no pass over y, no dY * g. In 16-bit W''
+          would round s B A away (as MoRA's merged strategy, torch_backend/mora.py).
   p > 0:  y = x W^T + bias + (g - 1) * V + g s S' B^T,  S' = x' A^T, V = x' W^T, x' = dropout(x)
           (PEFT's formula: the middle term uses the dropped-out x, a second GEMM over x.)
 
@@ -122,6 +127,23 @@ def dora_weights(weight, dtype: torch.dtype, dropout_p: float, dequantize_4bit=N
     return None, v
 
 
+MERGED_MIN_ROWS = 64
+
+
+def merged_strategy(x: torch.Tensor, weight, dropout_p: float) -> bool:
+    """Whether the "merged" form of the module docstring applies (weight: the dense W or None)."""
+    return (dropout_p == 0.0 and isinstance(weight, torch.Tensor) and x.dtype in (torch.float32, torch.float64)
+            and x.shape[0] >= max(MERGED_MIN_ROWS, weight.shape[1] // 2))
+
+
+def merged_weight(weight: torch.Tensor, lora_A, lora_B, g, scaling: float) -> torch.Tensor:
+    """W'' = g W + (s g B) A [D, K] in W's dtype (fp32 / fp64), a fresh buffer: one row-scale pass
+    over W, then the rank-r product accumulated in place."""
+    dt = weight.dtype
+    gd = g.to(dt)
+    return torch.mul(weight, gd[:, None]).addmm_(lora_B.to(dt) * (scaling * gd)[:, None], lora_A.to(dt))
+
+
 def scale_output_(y: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = g * y + bias in place (one pass). y [N, D], g [D], bias [D] | None."""
     if bias is None:
@@ -137,6 +159,8 @@ def dora_forward(x, weight, bias, lora_A, lora_B, g, scaling: float, dropout_p: 
     A = lora_A.to(x.dtype)
     if dropout_p == 0.0:
         S = x @ A.t()
+        if merged_strategy(x, weight, dropout_p):
+            return torch.nn.functional.linear(x, merged_weight(weight, A, lora_B, g, scaling), bias), S, x.new_empty(0)
         y = expand_onto_base(S, x, weight, None, lora_B, scaling)
         return scale_output_(y, g, bias), S, x.new_empty(0)
     S = x.new_empty(x.shape[0], A.shape[0])
@@ -149,9 +173,19 @@ def dora_forward(x, weight, bias, lora_A, lora_B, g, scaling: float, dropout_p: 
 
 
 def colsum_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_t a_tj b_tj [D] in the accumulation dtype, a row block at a time. a, b [N, D]."""
+    """sum_t a_tj b_tj [D] in the accumulation dtype, a row block at a time. a, b [N, D].
+
+    fp32 / fp64: blocks of ~256K elements (cache-sized) through one reused scratch block (a
+    fresh multi-MiB temporary per block costs its page faults, measured 4x the arithmetic)."""
     acc = acc_dtype(a.dtype)
     out = torch.zeros(a.shape[1], dtype=acc, device=a.device)
+    if a.dtype == acc and b.dtype == acc and a.shape[0] > 0:
+        step = max(1, (_BLOCK_ELEMENTS // 4) // max(1, a.shape[1]))
+        scratch = a.new_empty(min(step, a.shape[0]), a.shape[1])
+        for start in range(0, a.shape[0], step):
+            stop = min(start + step, a.shape[0])
+            out += torch.mul(a[start:stop], b[start:stop], out=scratch[: stop - start]).sum(0)
+        return out
     for rows in _blocks(*a.shape):
         out += (a[rows].to(acc) * b[rows].to(acc)).sum(0)
     return out
@@ -242,8 +276,11 @@ def dora_backward(grad_y, x, weight, bias, lora_A, lora_B, g, saved, S, scaling:
     dS, sdyS = expand_grads(dy, S, lora_B, g, scaling, need_S, need_B or (need_g and dropout_p > 0.0))
     grad_B = grad_B_from(sdyS, lora_B, g) if need_B else None
     if dropout_p == 0.0:
+        merged = need_x and merged_strategy(x, weight, 0.0)
         grad_x, grad_A, grad_g = backward_no_dropout(dy, x, weight, bias, lora_A, lora_B, g, saved, S, dS, scaling,
-                                                     need_x, need_A, need_g)
+                                                     need_x and not merged, need_A, need_g)
+        if merged:
+            grad_x = dy @ merged_weight(weight, lora_A, lora_B, g, scaling)
         return grad_x, grad_A, grad_B, grad_g
     grad_g = magnitude_grad_with_dropout(dy, saved, lora_B, sdyS, g) if need_g else None
     grad_x = base_input_grad(dy, weight, x) if need_x else None
