@@ -14,6 +14,7 @@ from torch import nn
 import fusedpeft as fp
 from fusedpeft import reference as ref
 from fusedpeft.quantized import dequantized_module_weight, quantized_weight, row_blocks
+from dora_helpers import check_output_and_grads
 from helpers import runnable
 from qlora_helpers import Tiny, bnb, linear4bit, linear8bit
 
@@ -55,15 +56,6 @@ def _fused_from(layer, backend, dropout=0.0):
     return fused
 
 
-def _params(fused):
-    return [fused.lora_A.weight, fused.lora_B.weight, fused.lora_magnitude_vector]
-
-
-def _peft_params(layer):
-    return [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
-            layer.lora_magnitude_vector["default"].weight]
-
-
 def _tol(kind):
     return 3e-3 if kind == "int8" else 1e-5  # 8-bit: fp16 in and out
 
@@ -71,17 +63,6 @@ def _tol(kind):
 def _close(actual, expected, tol):
     torch.testing.assert_close(actual.float(), expected.float(), rtol=tol,
                                atol=tol * max(1.0, expected.abs().max().item()))
-
-
-def _check_output_and_grads(y_f, y_p, x_f, x_p, fused, layer, tol):
-    """Ours (y_f from x_f) vs PEFT's (y_p from x_p): the output, then grad x, A, B and the magnitude."""
-    _close(y_f, y_p, tol)
-    g = torch.randn_like(y_p)
-    y_p.backward(g)
-    y_f.backward(g)
-    _close(x_f.grad, x_p.grad, tol)
-    for mine, theirs in zip(_params(fused), _peft_params(layer)):
-        _close(mine.grad, theirs.grad, tol)
 
 
 def _skip_triton_8bit(backend, kind):
@@ -106,7 +87,7 @@ def test_matches_peft_dora_on_bitsandbytes(backend, kind, double_quant, bias):
     # re-creates the weight without its scales): PEFT runs last
     y_p = layer(x_p)
     assert y_f.dtype == y_p.dtype and y_f.shape == y_p.shape
-    _check_output_and_grads(y_f, y_p, x_f, x_p, fused, layer, _tol(kind))
+    check_output_and_grads(y_f, y_p, x_f, x_p, fused, layer, lambda a, e: _close(a, e, _tol(kind)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -130,7 +111,7 @@ def test_dropout_matches_peft_formula_with_our_mask(backend, kind, double_quant)
     y_p = (base + layer.lora_magnitude_vector["default"](
         ref.dropout(x_p.float(), p, seed), lora_A=layer.lora_A["default"], lora_B=layer.lora_B["default"],
         scaling=layer.scaling["default"], base_layer=layer.base_layer, base_result=None)).to(base.dtype)
-    _check_output_and_grads(y_f, y_p, x_f, x_p, fused, layer, _tol(kind))
+    check_output_and_grads(y_f, y_p, x_f, x_p, fused, layer, lambda a, e: _close(a, e, _tol(kind)))
 
 
 @pytest.mark.parametrize("blocksize,k,d", [(64, 128, 33), (64, 33, 40), (128, 256, 20)])

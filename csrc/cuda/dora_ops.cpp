@@ -1,6 +1,7 @@
 // CUDA implementation of fusedpeft_C::dora_backward_p0 (schema: csrc/ops.cpp; the CPU one is
 // csrc/cpu/dora.cpp), DoRA's backward without dropout (docs/contract.md §8), g = m / n, s = scaling:
-//   dYg = dY * g and colsum(dY * Y)     one pass over dY and Y (csrc/cuda/dora.cu)
+//   dYg = dY * g and colsum(dY * Y)     one pass over dY and Y (csrc/cuda/dora.cu; dYg only with dX,
+//                                       else dS = dY (s g B))
 //   dS = dYg (s B) [N, r];  dX = dYg W + dS A;  dA = dS^T x;  dB = s g * (S^T dY)^T    cuBLAS via ATen
 // Same checks, outputs and dtypes as the CPU kernel: grad_x in dY's dtype; grad_A, grad_B and the
 // colsum in the compute dtype (fp32, fp64 for fp64). dYg is one [N, D] temporary in dY's dtype,
@@ -41,21 +42,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward_p0(
   const int64_t splits = std::max<int64_t>(1, (rows + rows_per_split - 1) / rows_per_split);
   const auto out = need_g ? out_in.to(dtype).contiguous() : none;
   auto partial = need_g ? at::zeros({splits, D}, acc_opts) : none;
-  auto dyg = need_S ? at::empty_like(grad_y) : none;
-  if (need_g || need_S) {
+  auto dyg = need_x ? at::empty_like(grad_y) : none;  // without dX: dS = dY (s g B), no dY * g
+  if (need_g || need_x) {
     const DType dt = dtype == at::kBFloat16 ? DType::kBFloat16
                      : dtype == at::kHalf   ? DType::kHalf
                      : dtype == at::kDouble ? DType::kDouble
                                             : DType::kFloat;
     launch_dora_scale_colsum(dt, grad_y.data_ptr(), need_g ? out.data_ptr() : nullptr, g.data_ptr(),
-                             need_S ? dyg.data_ptr() : nullptr, need_g ? partial.data_ptr() : nullptr, rows, D, splits,
+                             need_x ? dyg.data_ptr() : nullptr, need_g ? partial.data_ptr() : nullptr, rows, D, splits,
                              rows_per_split, c10::cuda::getCurrentCUDAStream().stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   auto colsum = need_g ? partial.sum(0) : none;
   auto grad_x = none, grad_A = none, grad_B = none;
   if (need_S) {
-    const auto dS = at::mm(dyg, B_in.to(acc).mul(scaling).to(dtype));  // [N, r]
+    const auto B_s = B_in.to(acc).mul(scaling);
+    const auto dS = need_x ? at::mm(dyg, B_s.to(dtype)) : at::mm(grad_y, B_s.mul(g.unsqueeze(1)).to(dtype));  // [N, r]
     if (need_A) grad_A = at::mm(dS.t(), x_in.to(dtype)).to(acc);
     if (need_x) grad_x = at::mm(dyg, weight.to(dtype)).addmm_(dS, A_in.to(dtype));
   }
