@@ -115,6 +115,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "hf": ["transformers>=4.46", "peft>=0.13", "safetensors>=0.4"],
+        "trl": ["trl>=1.16,<1.17"],  # the fused_lm_head contract fusedpeft/integrations/trl.py serves
         "dev": [
             "triton>=3.6",
             "transformers>=4.46",
@@ -127,6 +128,7 @@ setup(
             "numpy",
             "hypothesis>=6.100",
             "bitsandbytes>=0.46",
+            "trl>=1.16,<1.17",
         ],
     },
     ext_modules=ext_modules,

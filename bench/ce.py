@@ -17,6 +17,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from bench import ce_trl
 from bench.common import Case, Provider, Settings, Skip, Step, Work
 from bench.providers import fusedpeft_attr, fusedpeft_providers
 
@@ -196,4 +197,4 @@ def cases(settings: Settings):
         name = f"linear_ce_N{n}_H{h}_V{v}_{head}{'_instr_half' if instr else ''}"
         priority = 1 if cuda and (v != GPU_HEADLINE_VOCAB or instr) else 0
         out.append((name, functools.partial(linear_case, settings, n, h, v, trainable, instr, name), priority))
-    return out
+    return out + ce_trl.cases(settings)  # TRL's SFTTrainer head: TRL's kernel vs fusedpeft.linear_log_probs

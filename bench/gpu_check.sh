@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command for a GPU machine (docs: README "Verifying on a GPU"):
+# The one command for a GPU machine (docs/verifying.md §3):
 #   bench/gpu_check.sh                      # or: OUT=/some/dir bench/gpu_check.sh
 #   GPU_CHECK_DRY_RUN=1 bench/gpu_check.sh  # the same stages on CPU, tiny shapes (tests/test_gpu_check.py)
 # Stages, most valuable first; each writes into $OUT as it finishes, so a run cut short still

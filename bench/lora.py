@@ -87,7 +87,8 @@ def build_case(settings: Settings, n: int, k: int, d: int, r: int, p: float, nam
     dev, dt = settings.device, settings.dtype
     torch.manual_seed(0)
     elt = torch.finfo(dt).bits // 8
-    adapter_dtype = torch.float32 if elt == 2 else dt  # SPEC §2 / PEFT: fp32 adapters next to a 16-bit base
+    # docs/contract.md §2 / PEFT: fp32 adapters next to a 16-bit base
+    adapter_dtype = torch.float32 if elt == 2 else dt
     alpha = 2.0 * r
     scaling = alpha / r
     base = nn.Linear(k, d, bias=False, device=dev, dtype=dt).requires_grad_(False)

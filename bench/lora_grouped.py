@@ -69,7 +69,7 @@ def build_case(settings: Settings, n: int, k: int, outs: tuple[int, ...], r: int
         return Step(lambda: torch.cat([layer(x) for layer in layers], -1), [x, *params], grad_out)
 
     def grouped(backend):
-        from fusedpeft.fused.lora_group import lora_group_forward
+        from fusedpeft.fused.lora_grouped import lora_group_forward
         from fusedpeft.ops.lora_grouped import grouped_implementation
 
         if grouped_implementation(backend) is None:

@@ -27,7 +27,7 @@ GPU_HEADLINE = GPU_CASES[:2]  # 4096 -> 4096, types 6 and 1: the issues' GPU tar
 
 
 def r_hat_of(k: int, d: int, r: int, mora_type: int) -> int:
-    """SPEC §3: round(sqrt((K + D) r)), even for type 6 (fusedpeft.reference.mora_r_hat when present)."""
+    """docs/contract.md §3: round(sqrt((K + D) r)), even for type 6 (fusedpeft.reference.mora_r_hat when present)."""
     try:
         from fusedpeft.reference import mora_r_hat
 

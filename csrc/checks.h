@@ -52,7 +52,7 @@ inline void check_mora_type(const char* op, int64_t mora_type) {
 
 inline at::ScalarType compute_dtype(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Wrap padding of types 1, 4, 6 (SPEC §3) and the number of chunks n = (K + pad) / R.
+// Wrap padding of types 1, 4, 6 (docs/contract.md §3) and the number of chunks n = (K + pad) / R.
 inline int64_t mora_pad(int64_t in_features, int64_t r_hat, int64_t mora_type) {
   if (mora_type == 2 || mora_type == 3 || in_features % r_hat == 0) return 0;
   return r_hat - in_features % r_hat;

@@ -18,7 +18,7 @@ TORCH_LIBRARY(fusedpeft_C, m) {
   // logits <- d(sum_t scale_t l_t)/d logits in place; returns l_t [N] (compute dtype).
   m.def("ce_loss_and_grad_(Tensor(a!) logits, Tensor labels, Tensor scale, float label_smoothing, "
         "float z_loss, float softcap) -> Tensor");
-  // x [N, K], lora_A [r, K] -> S = dropout(x) @ A^T [N, r] in x's dtype (SPEC §5 mask in-kernel).
+  // x [N, K], lora_A [r, K] -> S = dropout(x) @ A^T [N, r] in x's dtype (docs/contract.md §5 mask in-kernel).
   m.def("lora_shrink(Tensor x, Tensor lora_A, float dropout_p, int seed) -> Tensor");
   // grad_S [N, r] -> (dropout'(grad_S @ A) [N, K] in x's dtype, grad_S^T @ dropout(x) [r, K]
   // compute dtype); an output not asked for is empty [0].

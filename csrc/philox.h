@@ -1,4 +1,4 @@
-// SPEC §5 dropout randomness, shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels.
+// docs/contract.md §5 dropout randomness, shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels.
 //
 // u(seed, offset) = Triton's tl.rand(seed, offset) for a 32-bit offset, bit for bit:
 // Philox4x32-10 with key (seed low word, seed high word) and counter (offset, 0, 0, 0); the

@@ -1,6 +1,6 @@
 """fusedpeft: fused LoRA / MoRA linear layers and masked / weighted cross-entropy for fine-tuning.
 
-Public API (SPEC §1): the layers LoRALinear and MoRALinear, the losses masked_cross_entropy /
+Public API (docs/contract.md §1): the layers LoRALinear and MoRALinear, the losses masked_cross_entropy /
 linear_cross_entropy and their modules, delta_weight / merge / unmerge, available_backends(),
 and the model-level integrations (apply_lora, apply_mora, from_peft, save_adapter, load_adapter,
 merge_adapters, patch_causal_lm, InstructionCollator, ReMoRACallback, group_lora_projections). The integrations import
@@ -18,6 +18,7 @@ from fusedpeft.fused import (
     MoRALinear,
     delta_weight,
     linear_cross_entropy,
+    linear_log_probs,
     masked_cross_entropy,
     merge,
     unmerge,
@@ -36,9 +37,9 @@ _INTEGRATIONS = {
     "patch_causal_lm": "fusedpeft.integrations.causal_lm",
     "InstructionCollator": "fusedpeft.integrations.collator",
     "ReMoRACallback": "fusedpeft.integrations.remora",
-    "group_lora_projections": "fusedpeft.integrations.grouping",
-    "ungroup_lora_projections": "fusedpeft.integrations.grouping",
-    "grouped_projections": "fusedpeft.integrations.grouping",
+    "group_lora_projections": "fusedpeft.integrations.lora_grouped",
+    "ungroup_lora_projections": "fusedpeft.integrations.lora_grouped",
+    "grouped_projections": "fusedpeft.integrations.lora_grouped",
 }
 
 __all__ = [*fused.__all__, "available_backends", *_INTEGRATIONS]

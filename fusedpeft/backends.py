@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import os
 
 import torch
@@ -28,7 +27,7 @@ FAMILIES = ("lora", "mora", "cross_entropy", "dora")
 
 # (family, backend) -> module that implements it. A module may define
 # ``unavailable_reason(device) -> str | None`` for limits of its own (e.g. kernels not compiled
-# for that device type); a module that does not exist yet makes the pair unavailable, with a reason.
+# for that device type); a pair not listed here is unavailable, with a reason.
 IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("lora", "triton"): "fusedpeft.kernels.lora",
     ("mora", "triton"): "fusedpeft.kernels.mora",
@@ -73,17 +72,8 @@ def _extension_problem() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _module_exists(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:
-        return False
-
-
 def _implemented(family: str, backend: str) -> bool:
-    module = IMPLEMENTATIONS.get((family, backend))
-    return module is not None and _module_exists(module)
+    return (family, backend) in IMPLEMENTATIONS
 
 
 def _interpreting() -> bool:

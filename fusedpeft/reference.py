@@ -1,6 +1,6 @@
-"""The executable SPEC: what every backend must compute, in plain, readable PyTorch.
+"""The executable contract (docs/contract.md): what every backend must compute, in plain, readable PyTorch.
 
-Nothing here is optimised. Each function follows SPEC.md §2-5 line by line so a reader can check
+Nothing here is optimised. Each function follows docs/contract.md §2-§5 line by line so a reader can check
 it against the text; every backend (the optimised PyTorch path, Triton, C++/CUDA) is tested
 against these functions on random inputs. Shapes: ``N`` rows (tokens), ``K`` in_features,
 ``D`` out_features, ``V`` vocabulary, ``H`` hidden size, ``R`` MoRA's r_hat.
@@ -13,7 +13,7 @@ import math
 import torch
 
 # --------------------------------------------------------------------------------------------
-# SPEC §5: dropout randomness (Triton's tl.rand, Philox4x32-10, re-stated on int64 tensors)
+# docs/contract.md §5: dropout randomness (Triton's tl.rand, Philox4x32-10, re-stated on int64 tensors)
 # --------------------------------------------------------------------------------------------
 
 _MASK32 = 0xFFFFFFFF
@@ -89,7 +89,7 @@ def dropout_keep_mask(seed: int, n_rows: int, n_cols: int, p: float, row_start: 
 
 
 def dropout(x: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
-    """SPEC §5 dropout of x[..., K] (viewed as [M, K]): kept elements scaled by 1 / (1 - p)."""
+    """docs/contract.md §5 dropout of x[..., K] (viewed as [M, K]): kept elements scaled by 1 / (1 - p)."""
     if p == 0.0:
         return x
     x2 = x.reshape(-1, x.shape[-1])
@@ -103,7 +103,7 @@ def new_dropout_seed() -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# SPEC §2: LoRA
+# docs/contract.md §2: LoRA
 # --------------------------------------------------------------------------------------------
 
 
@@ -133,7 +133,7 @@ def lora_delta_weight(lora_A, lora_B, scaling):
 
 
 # --------------------------------------------------------------------------------------------
-# SPEC §8: DoRA (PEFT's use_dora=True)
+# docs/contract.md §8: DoRA (PEFT's use_dora=True)
 # --------------------------------------------------------------------------------------------
 
 
@@ -171,7 +171,7 @@ def dora_merged_weight(weight, lora_A, lora_B, magnitude, scaling):
 
 
 # --------------------------------------------------------------------------------------------
-# SPEC §3: MoRA
+# docs/contract.md §3: MoRA
 # --------------------------------------------------------------------------------------------
 
 MORA_TYPES = (1, 2, 3, 4, 6)
@@ -325,7 +325,7 @@ def mora_delta_weight(M: torch.Tensor, in_features: int, out_features: int, mora
 
 
 # --------------------------------------------------------------------------------------------
-# SPEC §4: masked / weighted cross-entropy
+# docs/contract.md §4: masked / weighted cross-entropy
 # --------------------------------------------------------------------------------------------
 
 
@@ -356,7 +356,7 @@ def per_token_loss(logits, labels, *, label_smoothing=0.0, z_loss=0.0, softcap=N
 
 
 def reduce_weighted(loss_per_token, w, reduction="mean", num_items_in_batch=None):
-    """Apply SPEC §4's reductions to w_t * l_t."""
+    """Apply docs/contract.md §4's reductions to w_t * l_t."""
     weighted = w * loss_per_token
     if reduction == "none":
         return weighted
@@ -370,7 +370,7 @@ def reduce_weighted(loss_per_token, w, reduction="mean", num_items_in_batch=None
 def masked_cross_entropy(logits, labels, *, instruction_mask=None, instruction_weight=0.0, token_weights=None,
                          ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
                          num_items_in_batch=None):
-    """SPEC §4 from logits [..., V] and labels [...]; float32 result."""
+    """docs/contract.md §4 from logits [..., V] and labels [...]; float32 result."""
     w = token_loss_weights(labels, instruction_mask=instruction_mask, instruction_weight=instruction_weight,
                            token_weights=token_weights, ignore_index=ignore_index)
     loss = per_token_loss(logits, labels, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,

@@ -1,4 +1,4 @@
-"""Comparison helpers (DESIGN §5): an implementation's error against a float64 reference must be
+"""Comparison helpers (docs/architecture.md §5): an implementation's error against a float64 reference must be
 within twice the error of plain PyTorch doing the same computation in the same dtype, plus atol."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Backend selection (SPEC §1): automatic choice, FUSEDPEFT_BACKEND, forced backends and reasons."""
+"""Backend selection (docs/contract.md §1): automatic choice, FUSEDPEFT_BACKEND, forced backends and reasons."""
 
 import pytest
 import torch
@@ -50,10 +50,36 @@ def test_environment_variable_sets_the_default(monkeypatch):
     assert fp.LoRALinear(nn.Linear(4, 4), r=2, backend="torch")(x).shape == (3, 4)  # the argument wins
 
 
-@pytest.mark.parametrize("name", ["triton", "cpu"])
-def test_forced_backend_without_implementation_says_why(name):
-    reason = backends.unavailable_reason(name, "mora", torch.device("cpu"))
-    if reason is None:
-        pytest.skip(f"{name} implements mora here")
-    with pytest.raises(RuntimeError, match=f"backend '{name}' cannot run fusedpeft mora ops"):
-        fp.MoRALinear(nn.Linear(8, 8), r=1, backend=name)(torch.randn(2, 8))
+def test_forced_backend_without_implementation_says_why():
+    """A (family, backend) pair with no implementation (DoRA has no CUDA-extension one) says so."""
+    assert ("dora", "cuda") not in backends.IMPLEMENTATIONS
+    reason = "fusedpeft has no 'cuda' implementation of dora yet"
+    assert backends.unavailable_reason("cuda", "dora", torch.device("cuda")) == reason
+    with pytest.raises(RuntimeError, match=f"backend 'cuda' cannot run fusedpeft dora ops on cpu tensors: {reason}"):
+        fp.LoRALinear(nn.Linear(8, 8), r=1, use_dora=True, backend="cuda")(torch.randn(2, 8))
+
+
+def _imported_modules(path) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    return names | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+
+def test_backends_share_host_helpers_not_the_torch_backend():
+    """The cpu / cuda (cpp_backend) and triton (kernels) backends, the ops and fusedpeft/host take what
+    they share from fusedpeft.host, never from the torch backend; host imports no backend.
+    Left: MoRA's geometry, padding maps and RoPE tables (cpp_backend/mora.py, ops/mora.py)."""
+    from pathlib import Path
+
+    root = Path(backends.__file__).parent
+    exempt = {"cpp_backend/mora.py", "ops/mora.py"}
+    offenders = []
+    for layer, banned in (("cpp_backend", "torch_backend"), ("kernels", "torch_backend"), ("ops", "torch_backend"),
+                          ("host", "torch_backend"), ("host", "cpp_backend"), ("host", "kernels")):
+        for path in sorted((root / layer).glob("*.py")):
+            name = f"{layer}/{path.name}"
+            if name not in exempt and any(m.startswith(f"fusedpeft.{banned}") for m in _imported_modules(path)):
+                offenders.append(name)
+    assert not offenders, f"import fusedpeft.torch_backend / a backend where fusedpeft.host should serve: {offenders}"

@@ -1,8 +1,8 @@
-"""LoRALinear(use_dora=True) (SPEC §8) against PEFT's DoRA layer on CPU, every CPU backend.
+"""LoRALinear(use_dora=True) (docs/contract.md §8) against PEFT's DoRA layer on CPU, every CPU backend.
 
 PEFT (``get_peft_model`` with ``use_dora=True``) is the oracle for the forward and every gradient
 (x, A, B, the magnitude) with dropout 0; with dropout > 0, PEFT's own DoRA formula
-(``DoraLinearLayer.forward`` on the dropped-out x) is evaluated with our SPEC §5 mask.
+(``DoraLinearLayer.forward`` on the dropped-out x) is evaluated with our docs/contract.md §5 mask.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch.library import opcheck
 
 import fusedpeft as fp
 from fusedpeft import reference as ref
-from fusedpeft.fused.lora_group import check_group
+from fusedpeft.fused.lora_grouped import check_group
 from fusedpeft.ops.dora import dora_linear_backward_op, dora_linear_op, weight_norm
 from dora_helpers import check_output_and_grads, fused_params
 from helpers import runnable
@@ -200,7 +200,7 @@ def test_merged_form_matches_peft(backend, dtype, bias):
         layer.lora_magnitude_vector["default"].weight[3] = 0.0
     fused = _fused_from(layer, r, alpha, backend)
     x = torch.randn(2, 40, in_f, dtype=dtype)
-    from fusedpeft.torch_backend.dora import merged_strategy
+    from fusedpeft.host.dora import merged_strategy
 
     assert merged_strategy(x.reshape(-1, in_f), fused.base_layer.weight, 0.0)
     x_p, x_f = x.clone().requires_grad_(True), x.clone().requires_grad_(True)

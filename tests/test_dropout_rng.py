@@ -1,8 +1,8 @@
-"""SPEC §5 dropout randomness: the reference Philox against published vectors and against Triton.
+"""docs/contract.md §5 dropout randomness: the reference Philox against published vectors and against Triton.
 
 - reference.philox4x32_words against Random123's known-answer vectors for Philox4x32-10;
 - reference.philox_uniform / dropout_keep_mask against Triton's own tl.randint / tl.rand, bit for
-  bit, through a kernel that builds the [M, K] keep mask exactly as SPEC §5 words it, with the
+  bit, through a kernel that builds the [M, K] keep mask exactly as docs/contract.md §5 words it, with the
   32-bit counter wrapping past 2**31 and 2**32;
 - statistics with 6-sigma binomial bounds, so the checks do not flake.
 
@@ -46,7 +46,7 @@ def philox_probe_kernel(offset_ptr, word_ptr, u_ptr, seed, n, BLOCK: tl.constexp
 @triton.jit
 def keep_mask_kernel(keep_ptr, u_ptr, seed, p, row_start, col_start, K, n_rows, n_cols,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """SPEC §5 keep mask of the window rows [row_start, +n_rows) x cols [col_start, +n_cols) of an
+    """docs/contract.md §5 keep mask of the window rows [row_start, +n_rows) x cols [col_start, +n_cols) of an
     [M, K] input: u = tl.rand(seed, (m * K + j) mod 2**32 as int32); keep = u >= p. Writes keep
     (int8) and u (float32) as [n_rows, n_cols]."""
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -166,7 +166,8 @@ def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def run_replaying_seed(fn):
-    """fn() and the dropout seed it drew (SPEC: one randint(0, 2^63 - 1) from the default CPU generator)."""
+    """fn() and the dropout seed it drew (docs/contract.md §5: one randint(0, 2^63 - 1) from the default CPU
+    generator)."""
     state = torch.get_rng_state()
     out = fn()
     torch.set_rng_state(state)
@@ -269,7 +270,7 @@ def test_mora(device, backend, dtype, lead, k, d, r, mora_type, bias, p, kind, r
     M = layer.M.detach().cpu()
     x64, M64 = x.detach().double().requires_grad_(), M.double().requires_grad_()
     xb, Mb = x.detach().clone().requires_grad_(), M.clone().requires_grad_()
-    # type 6: the package's RoPE tables are float32 (SPEC), these are float64: a few fp32 ulps apart
+    # type 6: the package's RoPE tables are float32 (docs/contract.md §3), these are float64: a few fp32 ulps apart
     atol = max(ATOL[dtype], 2e-6) if mora_type == 6 else ATOL[dtype]
     check_grads(y, formula(x64, M64, torch.float64), formula(xb, Mb, dtype), (x, layer.M), (x64, M64), (xb, Mb),
                 dtype, ("x", "M"), atol)

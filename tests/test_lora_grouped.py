@@ -1,4 +1,4 @@
-"""Grouped LoRA (fusedpeft.fused.lora_group.lora_group_forward, op fusedpeft::lora_linear_grouped)
+"""Grouped LoRA (fusedpeft.fused.lora_grouped.lora_group_forward, op fusedpeft::lora_linear_grouped)
 on every backend with a grouped implementation, against separate layers and the reference."""
 
 import pytest
@@ -8,7 +8,7 @@ from torch.library import opcheck
 
 import fusedpeft as fp
 from fusedpeft import reference as ref
-from fusedpeft.fused.lora_group import lora_group_forward
+from fusedpeft.fused.lora_grouped import lora_group_forward
 from fusedpeft.ops.lora_grouped import lora_linear_grouped_backward_op, lora_linear_grouped_op
 from helpers import assert_within, runnable
 

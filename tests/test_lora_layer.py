@@ -1,4 +1,4 @@
-"""LoRALinear on every backend that runs here, against fusedpeft.reference (SPEC §2, §5, §6)."""
+"""LoRALinear on every backend that runs here, against fusedpeft.reference (docs/contract.md §2, §5, §6)."""
 
 import pytest
 import torch
@@ -20,7 +20,7 @@ def make_layer(k, d, r, dtype, bias=True, dropout=0.0, backend="torch", alpha=6.
 
 
 def run_with_seed(layer, x):
-    """Forward, and the dropout seed the layer drew (SPEC §5: one draw from the default CPU generator)."""
+    """Forward, and the dropout seed the layer drew (docs/contract.md §5: one draw from the default CPU generator)."""
     state = torch.get_rng_state()
     y = layer(x)
     torch.set_rng_state(state)
@@ -29,7 +29,7 @@ def run_with_seed(layer, x):
 
 
 def eager_same_dtype(x, layer, p, seed):
-    """Plain PyTorch LoRA in x's dtype with the SPEC §5 mask: the precision baseline."""
+    """Plain PyTorch LoRA in x's dtype with the docs/contract.md §5 mask: the precision baseline."""
     A, B = layer.lora_A.weight.to(x.dtype), layer.lora_B.weight.to(x.dtype)
     x2 = x.reshape(-1, x.shape[-1])
     if p:

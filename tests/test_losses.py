@@ -1,5 +1,5 @@
 """masked_cross_entropy / linear_cross_entropy on every backend that runs here, against
-fusedpeft.reference (SPEC §4, §6)."""
+fusedpeft.reference (docs/contract.md §4, §6)."""
 
 import itertools
 

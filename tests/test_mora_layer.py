@@ -1,4 +1,4 @@
-"""MoRALinear on every backend that runs here, against fusedpeft.reference (SPEC §3, §5, §6)."""
+"""MoRALinear on every backend that runs here, against fusedpeft.reference (docs/contract.md §3, §5, §6)."""
 
 import pytest
 import torch

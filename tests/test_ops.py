@@ -135,13 +135,23 @@ def _ran_eagerly(out: torch.Tensor, name: str) -> bool:
 
 
 def test_eager_twins_are_used_and_pass_gradcheck():
-    from fusedpeft.ops import cross_entropy as ce_ops, lora as lora_ops, mora as mora_ops
+    from fusedpeft.ops import cross_entropy as ce_ops, lora as lora_ops, lora_grouped as grouped_ops
+    from fusedpeft.ops import mora as mora_ops
 
     x, weight, b, A, B, scaling, p, seed = _lora_inputs(torch.float64, 0.25)
     y = lora_ops.lora_linear(x, weight, b, A, B, scaling, p, seed, backend="torch")
     assert _ran_eagerly(y, "lora_linear")
     torch.autograd.gradcheck(lambda x, A, B: lora_ops.lora_linear(x, weight, b, A, B, scaling, p, seed, "torch"),
                              (x, A, B))
+
+    weights, biases = [weight, weight[:20]], [b, None]
+    As, Bs = [A, A[:3].detach().clone().requires_grad_()], [B, B[:20, :3].detach().clone().requires_grad_()]
+    ys = grouped_ops.lora_linear_grouped(x, weights, biases, As, Bs, [scaling, 2.0], p, seed, backend="torch")
+    assert all(_ran_eagerly(y, "lora_linear_grouped") for y in ys)
+    torch.autograd.gradcheck(
+        lambda x, *ab: tuple(grouped_ops.lora_linear_grouped(x, weights, biases, ab[:2], ab[2:], [scaling, 2.0], p,
+                                                             seed, backend="torch")),
+        (x, *As, *Bs))
 
     x, weight, bias, M, t, p, seed = _mora_inputs(torch.float64, 6, 13, 29, 6, 0.3)
     assert _ran_eagerly(mora_ops.mora_linear(x, weight, bias, M, t, p, seed), "mora_linear")
@@ -161,3 +171,32 @@ def test_eager_twins_are_used_and_pass_gradcheck():
         torch.autograd.gradcheck(
             lambda h, w: ce_ops.linear_cross_entropy(h, w, labels, reduction=reduction, chunk_budget_bytes=200),
             (hidden, head))
+
+
+def _fusedpeft_ops() -> set[str]:
+    return {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("fusedpeft::")}
+
+
+def test_import_fusedpeft_registers_every_op():
+    """A fresh interpreter with only ``import fusedpeft`` has every fusedpeft:: op registered (a
+    torch.export-ed graph holding one must load without importing the module that defines it);
+    "every op" = what importing every module of the package registers."""
+    import importlib
+    import pkgutil
+    import subprocess
+    import sys
+
+    import fusedpeft
+
+    for module in pkgutil.walk_packages(fusedpeft.__path__, "fusedpeft."):
+        try:
+            importlib.import_module(module.name)
+        except ImportError:  # an optional dependency missing here: whatever it registers is not expected
+            pass
+    every = _fusedpeft_ops()
+    assert "fusedpeft::lora_linear_grouped" in every
+    code = ("import torch, fusedpeft\n"
+            "print(*sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith('fusedpeft::')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(fusedpeft.__file__)))
+    assert set(out.stdout.split()) == every

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fusedpeft as fp
-from fusedpeft.fused.lora_group import lora_group_forward
+from fusedpeft.fused.lora_grouped import lora_group_forward
 from fusedpeft import reference as ref
 from helpers import assert_within, grads, runnable
 from qlora_helpers import bnb, dequantized, linear4bit, linear8bit

@@ -1,7 +1,7 @@
-"""Independent spec tests for the losses (SPEC §4, §6).
+"""Independent spec tests for the losses (docs/contract.md §4, §6).
 
 Oracles: ``torch.nn.functional.cross_entropy`` where it applies (ignore_index, label smoothing,
-reductions), and elsewhere an explicit per-token formula written here from SPEC §4 in float64
+reductions), and elsewhere an explicit per-token formula written here from docs/contract.md §4 in float64
 (log_softmax form, not reference.py's). ``linear_cross_entropy`` is checked against
 ``masked_cross_entropy`` on materialised logits, and the nn.Modules against the functionals.
 """
@@ -20,7 +20,7 @@ V = 1003  # odd vocabulary (1000 + 3)
 def spec_loss(logits, labels, *, instruction_mask=None, instruction_weight=0.0, token_weights=None,
               ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
               num_items_in_batch=None):
-    """SPEC §4 in float64, written independently: l_t from log-probabilities, w_t, reductions."""
+    """docs/contract.md §4 in float64, written independently: l_t from log-probabilities, w_t, reductions."""
     z = logits.double()
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
@@ -134,7 +134,7 @@ def test_low_precision_logits_loss_in_fp32(dtype, reduction, label_smoothing):
     loss.backward(g.to(loss.dtype))
     expected.backward(g)
     assert logits.grad.dtype == dtype
-    # DESIGN §5: kernel error <= 2 x (PyTorch's own error in that dtype) + atol, vs the fp32 gradient
+    # docs/architecture.md §5: kernel error <= 2 x (PyTorch's own error in that dtype) + atol, vs the fp32 gradient
     x_lp = logits.detach().clone().requires_grad_(True)
     _torch_ce(x_lp, labels, reduction, label_smoothing).backward(g.to(dtype))
     ref32 = x32.grad
@@ -145,7 +145,7 @@ def test_low_precision_logits_loss_in_fp32(dtype, reduction, label_smoothing):
 
 
 # --------------------------------------------------------------------------------------------
-# vs the SPEC §4 formula
+# vs the docs/contract.md §4 formula
 # --------------------------------------------------------------------------------------------
 
 
@@ -287,7 +287,7 @@ def test_linear_matches_masked_on_materialised_logits(kw, chunk_budget, with_bia
     loss_m.backward(g)
     for a, b in zip(leaves_l, leaves_m):
         _grad_close(a.grad, b.grad)
-    # and against the SPEC formula directly
+    # and against the docs/contract.md §4 formula directly
     h64 = hidden.double()
     logits64 = h64 @ weight.double().t() + (bias.double() if with_bias else 0.0)
     _close(loss_l, spec_loss(logits64, labels, **kw), rtol=1e-5, atol=1e-5)
@@ -351,7 +351,7 @@ def test_linear_module_equals_functional():
 
 
 # --------------------------------------------------------------------------------------------
-# Bad input (SPEC §6): the message names the argument; nothing is modified
+# Bad input (docs/contract.md §6): the message names the argument; nothing is modified
 # --------------------------------------------------------------------------------------------
 
 ERRORS = (ValueError, TypeError)
@@ -427,7 +427,7 @@ def test_hidden_weight_width_mismatch():
 
 
 def test_no_gradient_to_token_weights():
-    """SPEC §4: gradients flow to logits only; labels, masks and weights get none."""
+    """docs/contract.md §4: gradients flow to logits only; labels, masks and weights get none."""
     logits = torch.randn(4, 11, requires_grad=True)
     tw = torch.rand(4, requires_grad=True)
     loss = fp.masked_cross_entropy(logits, torch.tensor([0, 3, 5, 7]), token_weights=tw)

@@ -1,7 +1,7 @@
-"""Independent spec tests for LoRALinear (SPEC §2, §5 dropout, §6 bad input) against HF PEFT.
+"""Independent spec tests for LoRALinear (docs/contract.md §2, §5 dropout, §6 bad input) against HF PEFT.
 
 PEFT's LoRA layer (``peft.get_peft_model`` on a tiny module) is the oracle for the forward,
-the gradients and the initialisation family; ``fusedpeft.reference`` only supplies the SPEC §5
+the gradients and the initialisation family; ``fusedpeft.reference`` only supplies the docs/contract.md §5
 dropout generator (``new_dropout_seed``, ``dropout_keep_mask``), and the dropout tests build
 the expected output with an explicit eager formula.
 """
@@ -156,7 +156,7 @@ def test_structure_and_shared_frozen_base():
 
 
 def test_adapter_dtype_follows_spec():
-    """SPEC §2: adapters float32 next to a 16-bit base weight, else the base dtype."""
+    """docs/contract.md §2: adapters float32 next to a 16-bit base weight, else the base dtype."""
     assert fp.LoRALinear(nn.Linear(8, 8).to(torch.bfloat16), r=2).lora_A.weight.dtype == torch.float32
     assert fp.LoRALinear(nn.Linear(8, 8).to(torch.float16), r=2).lora_B.weight.dtype == torch.float32
     assert fp.LoRALinear(nn.Linear(8, 8).to(torch.float64), r=2).lora_A.weight.dtype == torch.float64
@@ -213,7 +213,7 @@ def test_init_zeros_and_bad_arguments_rejected():
 
 
 # --------------------------------------------------------------------------------------------
-# Dropout (SPEC §5): one seed from the default CPU generator, mask from the Philox stream
+# Dropout (docs/contract.md §5): one seed from the default CPU generator, mask from the Philox stream
 # --------------------------------------------------------------------------------------------
 
 
@@ -243,7 +243,8 @@ def test_dropout_mask_from_spec_seed(dtype, rtol, atol, bias, tokens):
     after = torch.get_rng_state()
     torch.set_rng_state(state)
     seed = int(ref.new_dropout_seed())
-    assert torch.equal(torch.get_rng_state(), after), "the forward must draw exactly one seed, as SPEC §5 says"
+    assert torch.equal(torch.get_rng_state(), after), (
+        "the forward must draw exactly one seed, as docs/contract.md §5 says")
     keep = ref.dropout_keep_mask(seed, 2 * tokens, in_f, p).reshape(2, tokens, in_f)
     assert 0.5 < keep.float().mean().item() < 0.9
 
@@ -251,7 +252,7 @@ def test_dropout_mask_from_spec_seed(dtype, rtol, atol, bias, tokens):
     A_r, B_r = A0.clone().requires_grad_(True), B0.clone().requires_grad_(True)
     y_r = _eager_lora(x_r, W, b, A_r, B_r, alpha / r, keep.to(dtype), p)
     _close(y, y_r, rtol, atol)
-    # and the SPEC reference, fed the same seed (it computes in fp32)
+    # and fusedpeft.reference (docs/contract.md §5), fed the same seed (it computes in fp32)
     y_ref = ref.lora_linear(x.detach(), W, b, A0, B0, alpha / r, p, seed)
     _close(y.detach().float(), y_ref.float(), 2e-5, 2e-5)
 

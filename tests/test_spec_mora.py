@@ -1,8 +1,8 @@
-"""Independent spec tests for MoRA (SPEC §3, §5 dropout, §6 bad input).
+"""Independent spec tests for MoRA (docs/contract.md §3, §5 dropout, §6 bad input).
 
 The oracle is an eager re-statement, written for this file, of the MoRA reference code
 (kongds/MoRA, peft-mora fork: ``_apply_mora`` and ``get_delta_weight``) as described in
-/work/shared/anchors/mora.md §1, §3-4 and §10: round-to-nearest r_hat (even for type 6), wrap
+docs/contract.md §3: round-to-nearest r_hat (even for type 6), wrap
 padding with a copy of the first features, chunk sums / contiguous groups, tile or
 repeat_interleave on the output side, RoPE chunks (fp32 tables, rotate-half, base 10000,
 position = chunk index) and the Python-loop merge. It deliberately mirrors the reference
@@ -191,7 +191,7 @@ def _ref_tol(out):
 
 
 # float64 tolerances: the float64 computations agree to ~1e-14; a real bug is O(1), and fp64
-# RoPE tables (instead of SPEC's fp32 tables) would show up at ~1e-7.
+# RoPE tables (instead of docs/contract.md §3's fp32 tables) would show up at ~1e-7.
 F64 = dict(rtol=1e-10, atol=1e-10)
 # fusedpeft.reference computes in fp32 whatever the input dtype.
 F32 = dict(rtol=2e-5, atol=2e-5)
@@ -478,7 +478,7 @@ def test_layer_merge_unmerge(k, d, r, mora_type):
 
 @pytest.mark.parametrize("mora_type,tokens", [(1, 5), (2, 5), (6, 5), (6, 1000)])
 def test_layer_dropout_uses_spec_seed(mora_type, tokens):
-    """SPEC §3/§5: dropout on x before compression; mask from one seed drawn from the CPU generator.
+    """docs/contract.md §3/§5: dropout on x before compression; mask from one seed drawn from the CPU generator.
     tokens = 1000: x[2000, 33] has more than 2**16 elements (block-wise mask generation)."""
     k, d, r, p = 33, 65, 2, 0.3
     base, layer = _make_layer(k, d, r, mora_type, dropout=p)

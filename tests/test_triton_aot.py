@@ -74,8 +74,9 @@ def test_gemm_sm90_8_warps_uses_wgmma_without_spills():
 
 
 def test_gemm_sm90_4_warps_spills_and_check_says_so():
-    """ENVIRONMENT.md: a 128x128x64 bf16 tile with 4 warps spills (when the strides are not known
-    to be multiples of 16); the 128x128 fp32 accumulator alone needs 128 registers per thread."""
+    """docs/verifying.md §4 (ahead-of-time compiles): a 128x128x64 bf16 tile with 4 warps spills (when
+    the strides are not known to be multiples of 16); the 128x128 fp32 accumulator alone needs 128
+    registers per thread."""
     r = _report("gemm", 90, 4)
     assert r.spill_store_bytes > 0 and r.spill_load_bytes > 0 and r.spills
     assert r.registers == 255

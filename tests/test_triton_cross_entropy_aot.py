@@ -1,6 +1,6 @@
 """Every shipped config of the cross-entropy row kernels compiles ahead of time for the GPU it is
 tuned for (CONFIGS[90] for sm_90, CONFIGS[80] for sm_80) without register spills and within the
-shared-memory limit (DESIGN §3.3). bf16 logits, with and without softcap (the most registers),
+shared-memory limit (docs/architecture.md §3.3). bf16 logits, with and without softcap (the most registers),
 marked as the launcher sees V = 128256 (V and the row stride multiples of 16); the largest config
 also with an odd V. Prints the table with -s.
 """

@@ -1,6 +1,6 @@
 """The Triton DoRA kernels under the interpreter (tiny shapes crossing tile edges): forward and
 every gradient against the float64 reference (fusedpeft.reference.dora_linear), with and
-without dropout (the SPEC §5 mask), fp32 / fp16, 2-D and 3-D inputs, bias or not."""
+without dropout (the docs/contract.md §5 mask), fp32 / fp16, 2-D and 3-D inputs, bias or not."""
 
 from __future__ import annotations
 

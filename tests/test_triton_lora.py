@@ -33,7 +33,7 @@ def _inputs(n, k, d, r, dtype, bias, device="cpu", adapter_dtype=torch.float32):
 
 
 def _same_dtype_baseline(x, weight, b, A, B, scaling, p, seed):
-    """Plain PyTorch autograd in x's dtype with the SPEC §5 mask: the precision yardstick."""
+    """Plain PyTorch autograd in x's dtype with the docs/contract.md §5 mask: the precision yardstick."""
     xd = x
     if p:
         xd = x * ref.dropout_keep_mask(seed, x.shape[0], x.shape[1], p, device=x.device).to(x.dtype) / (1 - p)
@@ -78,7 +78,7 @@ def test_large_ranks(r):
 
 def test_dropout_mask_is_the_reference_mask():
     """With A picking 16 columns of x (in two different column tiles), S = dropout(x)[:, cols]:
-    its zeros are the dropped elements, which must be exactly SPEC §5's mask (counter m K + j)."""
+    its zeros are the dropped elements, which must be exactly docs/contract.md §5's mask (counter m K + j)."""
     n, k, p = 70, 130, 0.4
     cols = list(range(8)) + list(range(120, 128))
     x = torch.randn(n, k).abs() + 0.1

@@ -1,5 +1,5 @@
 """Every shipped config of the Triton LoRA kernels, compiled ahead of time for sm_90 and sm_80
-(DESIGN §3.3, tests/triton_aot.py): it compiles, the GEMMs use wgmma on sm_90 (mma.sync on
+(docs/architecture.md §3.3, tests/triton_aot.py): it compiles, the GEMMs use wgmma on sm_90 (mma.sync on
 sm_80), nothing spills, shared memory fits.
 
 The launches this mirrors: a Llama layer in fp16/bf16 with fp32 adapters (PEFT's default),

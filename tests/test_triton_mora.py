@@ -1,4 +1,4 @@
-"""The Triton MoRA backend (fusedpeft/kernels/mora.py) against fusedpeft.reference (SPEC §3, §5).
+"""The Triton MoRA backend (fusedpeft/kernels/mora.py) against fusedpeft.reference (docs/contract.md §3, §5).
 
 Under TRITON_INTERPRET=1 (no GPU) the kernels run on CPU tensors at tiny shapes; both designs
 ("tile": ΔW generated inside the GEMM, "compressed": pre-pass + square matmul + epilogue) are
@@ -79,7 +79,7 @@ def _eager(x, w, b, M, mora_type, p, seed):
 def test_low_precision_within_pytorch_error(mora_type, dtype, atol, dropout_p):
     k, d, r_hat = 33, 65, 8
     x, w, b, M, gy = _inputs(k, d, r_hat, dtype, rows=7)
-    M = M.float()  # SPEC: adapters stay fp32 next to a 16-bit base
+    M = M.float()  # docs/contract.md §3: M stays fp32 next to a 16-bit base
     seed = 99
     y64, gx64, gM64 = _reference(x, w, b, M, gy, mora_type, dropout_p, seed)
     xe, Me = x.clone().requires_grad_(), M.clone().requires_grad_()
@@ -194,9 +194,8 @@ def test_bad_input_is_rejected_before_launch():
 @pytest.mark.parametrize("mora_type", [1, 6])
 def test_torch_compile_fullgraph(mora_type):
     """The op with backend="triton" traces without a graph break and matches eager, gradients too.
-    (Called at the op level: a layer built with backend="triton" resolves its backend inside
-    forward, which fusedpeft/backends.py does through importlib — a graph break for every named
-    backend, reported to the lead.)"""
+    (A layer with a named backend compiles fullgraph as well: resolve_backend runs once at trace
+    time, see fusedpeft/backends.py and tests/test_lora_grouped.py::test_group_compiles_fullgraph.)"""
     from fusedpeft.ops.mora import mora_linear_op
 
     k, d, r_hat = 30, 50, 8
@@ -231,7 +230,7 @@ TOKENS = 4096
 def test_llama_shapes_bf16(k, d, r, mora_type, dropout):
     r_hat = ref.mora_r_hat(k, d, r, mora_type)
     x, w, _, M, gy = _inputs(k, d, r_hat, torch.bfloat16, rows=TOKENS)
-    w, M = w / k**0.5, M.float() * 0.02  # SPEC: M is fp32 next to a bf16 base
+    w, M = w / k**0.5, M.float() * 0.02  # docs/contract.md §3: M is fp32 next to a bf16 base
     seed = 1234
     x32, M32 = x.float().requires_grad_(), M.float().requires_grad_()
     y32 = ref.mora_linear(x32, w.float(), None, M32, mora_type, dropout, seed)

@@ -1,4 +1,4 @@
-"""Every shipped Triton MoRA kernel config compiled ahead of time for sm_90 and sm_80 (DESIGN §3.3):
+"""Every shipped Triton MoRA kernel config compiled ahead of time for sm_90 and sm_80 (docs/architecture.md §3.3):
 it compiles, the GEMMs use tensor cores (wgmma on sm_90, mma.sync on sm_80) for 16-bit inputs,
 nothing spills and shared memory fits. The variants compiled per GEMM config are the heaviest
 of its uses (see ``_gemm_cases``); each compile takes ~5-15 s on the 2-core CI machine.
@@ -119,7 +119,7 @@ def test_slot_sum_prepass_compiles_without_spills(arch):
 
 def test_every_gemm_config_has_128_rows_or_fits_registers():
     """The 16-bit no-dropout configs (the bench's fast path) use 128-row tiles with 8 warps when
-    the tile is 128x128 (ENVIRONMENT.md: 4 warps spill there)."""
+    the tile is 128x128 (docs/verifying.md §4: 4 warps spill there)."""
     for arch in (90, 80):
         for bm, bn, _, warps, _ in tm.gemm_configs(arch, 2, False):
             assert bm == 128 and (warps == 8 or bm * bn <= 128 * 64)

@@ -1,6 +1,6 @@
 """Ahead-of-time compile of Triton kernels for sm_80 / sm_90 on a machine without a GPU.
 
-DESIGN §3.3: every shipped kernel config is compiled here for the GPU it will run on and checked:
+docs/architecture.md §3.3: every shipped kernel config is compiled here for the GPU it will run on and checked:
 it compiles, GEMM kernels use tensor cores (wgmma on sm_90), nothing spills to local memory and
 shared memory fits the architecture's per-block limit.
 
@@ -74,7 +74,7 @@ _CACHE_DIR: tempfile.TemporaryDirectory | None = None
 
 @dataclasses.dataclass
 class AotReport:
-    """What one ahead-of-time compile produced, and the checks DESIGN §3.3 asks of it."""
+    """What one ahead-of-time compile produced, and the checks docs/architecture.md §3.3 asks of it."""
 
     name: str  # kernel name plus its constexprs, e.g. "matmul[BM=128, BN=128]"
     arch: int  # 80 or 90

@@ -1,4 +1,4 @@
-// Row-wise cross-entropy on CPU (SPEC §4): one OpenMP task per block of rows.
+// Row-wise cross-entropy on CPU (docs/contract.md §4): one OpenMP task per block of rows.
 //
 // Forward, per row with a non-zero scale: an online logsumexp in the compute dtype over
 // vocabulary blocks of kBlock values (block max, rescale the running sum once per block, then

@@ -1,4 +1,4 @@
-// DoRA's backward without dropout on CPU (SPEC §8), from ONE parallel pass over dY and the saved
+// DoRA's backward without dropout on CPU (docs/contract.md §8), from ONE parallel pass over dY and the saved
 // output Y, blocks of rows at a time (g = m / n, s = scaling):
 //   dYg = dY * g                     per-task scratch of ~512K elements, never [N, D] (with dX only:
 //                                    without, dS = dY (s g B) directly, in blocks of ~128K elements)

@@ -1,4 +1,4 @@
-// LoRA's dropout on CPU (SPEC §2, §5): the shrink S = dropout(x) @ A^T and its backward, the mask
+// LoRA's dropout on CPU (docs/contract.md §2, §5): the shrink S = dropout(x) @ A^T and its backward, the mask
 // generated in-kernel. The rank-r products themselves are ATen GEMMs (MKL beats any
 // hand-written loop at r <= 64), so the kernels work on blocks of rows: Philox (philox_keep.cpp,
 // one evaluation per element and pass) writes the block's keep mask and the dropped block, in the

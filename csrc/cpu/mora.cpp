@@ -1,8 +1,8 @@
-// MoRA's compress / decompress maps on CPU (SPEC §3), types 1-4 and 6, one row of x per step:
+// MoRA's compress / decompress maps on CPU (docs/contract.md §3), types 1-4 and 6, one row of x per step:
 // no padded, reshaped or rotated copy of x is ever built beyond one row of scratch. The square
 // matmul z @ M^T and the base GEMM stay in ATen (fusedpeft/cpp_backend/mora.py).
 //
-// Per row (compute dtype, x's row dropped in-kernel with the SPEC §5 mask when dropout_p > 0):
+// Per row (compute dtype, x's row dropped in-kernel with the docs/contract.md §5 mask when dropout_p > 0):
 // - compress, types 1, 4: z[e mod R] += x_ext[e] over the wrap-padded row (e < n R);
 //   types 2, 3: z[g] = sum of contiguous group g; type 6: z[i R + j] = the rotate-half RoPE of
 //   chunk i of x_ext, z [n R] (so that z.view(N n, R) @ M^T applies M to every rotated chunk).
@@ -38,7 +38,7 @@ void tile_gather(T* out, int64_t L, const T* src, int64_t P) {
   }
 }
 
-// Contiguous groups of SPEC §3: the first L mod R groups hold L / R + 1 positions, the rest L / R.
+// Contiguous groups of docs/contract.md §3: the first L mod R groups hold L / R + 1 positions, the rest L / R.
 template <typename T, typename F>
 void for_groups(int64_t L, int64_t R, F&& f) {
   const int64_t q = L / R, big = L % R;

@@ -1,4 +1,4 @@
-// MoRA type 6 (SPEC §3) without dropout, the CPU backend's "merged" strategy: the two pieces that
+// MoRA type 6 (docs/contract.md §3) without dropout, the CPU backend's "merged" strategy: the two pieces that
 // were many small ATen ops on the torch path.
 //
 // ΔW of type 6 is block-sparse: output row p belongs to chunk i = (p mod n R) / R (tiled when

@@ -1,4 +1,4 @@
-// philox_keep and philox_dropout_f32 of vec.h: the SPEC §5 keep mask, bit-identical to philox.h's
+// philox_keep and philox_dropout_f32 of vec.h: the docs/contract.md §5 keep mask, bit-identical to philox.h's
 // scalar generator, on AVX-512 or AVX2 when the CPU has them (picked once, at first call); the
 // dropout variant also applies the mask to a float32 row in the same pass.
 //

@@ -7,12 +7,12 @@
 //   memory); softcap, label smoothing and z-loss in-kernel; rows with scale 0 skipped. ce_grad
 //   reads z[y] and (without lse) the whole row before the first write, so it may overwrite the
 //   logits in place. Bytes: forward N V s, gradient 2 N V s (+ N V s when it also computes lse).
-// - lora_shrink: one block per row; a 1024-wide tile of the dropped row (SPEC §5 Philox, computed
+// - lora_shrink: one block per row; a 1024-wide tile of the dropped row (docs/contract.md §5 Philox, computed
 //   once per element) in shared memory, one warp per output rank. FLOPs 2 N K r, bytes N K s.
 // - lora_grad_x / lora_grad_A: dropout'(gS @ A) one thread per element; gS^T @ dropout(x) with
 //   16 ranks per pass in registers, one column per thread over a 64-row chunk, atomics across
 //   chunks. Limits: the mask is regenerated ceil(r / 16) times in lora_grad_A.
-// - mora_*: one thread per output element, the compress / decompress maps of SPEC §3 evaluated
+// - mora_*: one thread per output element, the compress / decompress maps of docs/contract.md §3 evaluated
 //   by index arithmetic (wrap padding, contiguous groups, rotate-half RoPE), mask in-kernel.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -249,7 +249,7 @@ __global__ void lora_grad_A_kernel(const T* x, const typename Traits<T>::acc* gS
 
 // ----------------------------------------------------------------------------- MoRA maps
 
-// Contiguous groups of SPEC §3 over L positions and R slots.
+// Contiguous groups of docs/contract.md §3 over L positions and R slots.
 __device__ __forceinline__ void group_range(int64_t L, int64_t R, int64_t g, int64_t& start, int64_t& size) {
   const int64_t q = L / R, big = L % R;
   start = g * q + (g < big ? g : big);

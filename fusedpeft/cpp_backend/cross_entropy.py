@@ -1,4 +1,4 @@
-"""Masked / weighted cross-entropy (SPEC §4) on the C++ row kernels.
+"""Masked / weighted cross-entropy (docs/contract.md §4) on the C++ row kernels.
 
 Same API as fusedpeft.torch_backend.cross_entropy. The row kernel (csrc/cpu/cross_entropy.cpp,
 csrc/cuda/kernels.cu) computes the online logsumexp per row in fp32 (fp64 for fp64 logits) and
@@ -15,12 +15,11 @@ import torch
 
 import fusedpeft._C  # noqa: F401  (registers torch.ops.fusedpeft_C)
 from fusedpeft.cpp_backend import unavailable_reason  # noqa: F401  (read by fusedpeft.backends)
-from fusedpeft.torch_backend.cross_entropy import (
+from fusedpeft.host.cross_entropy import (
     accumulation_dtype,
-    backward_by_chunks,
+    by_chunks,
     chunk_bytes_per_logit,
     chunked_linear_pass,
-    forward_by_chunks,
 )
 
 _ops = torch.ops.fusedpeft_C
@@ -53,7 +52,7 @@ def cross_entropy_backward(grad_loss, logits, labels, row_scale, lse, label_smoo
 
 def _chunk_loss(make_logits, labels, scale, with_grad: bool, label_smoothing: float, z_loss: float,
                 softcap: float | None):
-    """linear_cross_entropy_pass's per-chunk step (see torch_backend.chunked_linear_pass): the row
+    """linear_cross_entropy_pass's per-chunk step (see host.cross_entropy.chunked_linear_pass): the row
     kernel reads the logits in their own dtype for the loss alone, or turns their fp32 copy into
     d(scale l)/dlogits in place."""
     if not with_grad:
@@ -79,11 +78,5 @@ def linear_cross_entropy_pass(hidden, weight, bias, labels, scale, label_smoothi
                                need_hidden, need_weight, need_bias)
 
 
-def linear_cross_entropy_forward(*args):
-    """torch_backend.cross_entropy.forward_by_chunks with this module's pass (same arguments)."""
-    return forward_by_chunks(linear_cross_entropy_pass, *args)
-
-
-def linear_cross_entropy_backward(*args):
-    """torch_backend.cross_entropy.backward_by_chunks with this module's pass (same arguments)."""
-    return backward_by_chunks(linear_cross_entropy_pass, *args)
+# the backend API of fusedpeft.ops.cross_entropy on this module's pass
+linear_cross_entropy_forward, linear_cross_entropy_backward = by_chunks(linear_cross_entropy_pass)

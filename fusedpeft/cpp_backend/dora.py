@@ -1,4 +1,4 @@
-"""DoRA on the C++ kernels: LoRA's shrink kernels (in-kernel SPEC §5 dropout) and ATen GEMMs.
+"""DoRA on the C++ kernels: LoRA's shrink kernels (in-kernel docs/contract.md §5 dropout) and ATen GEMMs.
 
 Same API and formulas as fusedpeft.torch_backend.dora (see there for what is saved and why).
 Forward:  p = 0: as the torch path (plain ATen GEMMs, one in-place pass y = g * u + bias; or its
@@ -29,18 +29,19 @@ import fusedpeft._C  # noqa: F401  (registers torch.ops.fusedpeft_C)
 from fusedpeft.cpp_backend import seed_value
 from fusedpeft.cpp_backend import unavailable_reason as _extension_unavailable
 from fusedpeft.cpp_backend.dequant import dequantize_4bit
-from fusedpeft.torch_backend.dora import (
-    dora_backward as _torch_backward,
-    dora_forward as _torch_forward,
+from fusedpeft.host.dora import (
     dora_weights,
     expand_grads,
+    forward_no_dropout,
     grad_B_from,
     magnitude_grad_from_sums,
     magnitude_grad_with_dropout,
     merged_strategy,
     merged_weight,
 )
-from fusedpeft.torch_backend.lora import expand_onto_base
+from fusedpeft.host.lora import expand_onto_base
+from fusedpeft.torch_backend.dora import dora_backward as _torch_backward
+from fusedpeft.torch_backend.dora import dora_forward as _torch_forward
 
 _ops = torch.ops.fusedpeft_C
 
@@ -60,12 +61,11 @@ def unavailable_reason(device: torch.device) -> str | None:
 def dora_forward(x, weight, bias, lora_A, lora_B, g, scaling: float, dropout_p: float, seed):
     """x [N, K], weight [D, K], bias [D] | None, lora_A [r, K], lora_B [D, r], g [D] ->
     (y [N, D], S [N, r], V [N, D] when dropout_p > 0 else an empty [0]), all in x's dtype.
-    weight may be a fusedpeft.quantized.QuantizedWeight (torch_backend.dora.dora_weights; 4-bit
+    weight may be a fusedpeft.quantized.QuantizedWeight (host.dora.dora_weights; 4-bit
     dequantized by fusedpeft_C::dequantize_4bit)."""
     if dropout_p == 0.0:
-        if not isinstance(weight, torch.Tensor) and weight.kind == "4bit":
-            weight = dora_weights(weight, x.dtype, 0.0, dequantize_4bit)[0]
-        return _torch_forward(x, weight, bias, lora_A, lora_B, g, scaling, 0.0, None)
+        weight = dora_weights(weight, x.dtype, 0.0, dequantize_4bit)[0]  # None for an 8-bit base
+        return forward_no_dropout(x, weight, bias, lora_A, lora_B, g, scaling)
     if x.device.type != "cpu":  # see the module docstring
         return _torch_forward(x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed)
     weight, v_weight = dora_weights(weight, x.dtype, dropout_p, dequantize_4bit)
@@ -77,7 +77,7 @@ def dora_forward(x, weight, bias, lora_A, lora_B, g, scaling: float, dropout_p: 
 
 
 def _expand_grads(dy, S, lora_B, g, scaling: float, need_S: bool, need_sdyS: bool):
-    """(dS [N, r], s dY^T S [D, r]) as torch_backend.dora.expand_grads, from one pass over dY on CPU."""
+    """(dS [N, r], s dY^T S [D, r]) as host.dora.expand_grads, from one pass over dY on CPU."""
     if need_S and need_sdyS and dy.device.type == "cpu":
         dS, sdyS = _ops.lora_expand_backward(dy, S, lora_B * g[:, None], scaling)
         return dS.to(dy.dtype), sdyS

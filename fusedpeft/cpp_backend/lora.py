@@ -1,7 +1,7 @@
 """LoRA on the C++ kernels: shrink with in-kernel dropout, ATen GEMMs accumulating in place.
 
 Same API as fusedpeft.torch_backend.lora.
-Forward:  S = dropout(x) @ A^T (fusedpeft_C::lora_shrink, the SPEC §5 mask generated per element
+Forward:  S = dropout(x) @ A^T (fusedpeft_C::lora_shrink, the docs/contract.md §5 mask generated per element
           in the kernel; plain ATen mm without dropout); y = bias + scaling * S @ B^T (one addmm
           writes y), then y += x @ W^T as the base GEMM's own beta = 1 accumulation (addmm_).
 Backward: dS = scaling * dY @ B and dB = scaling * S^T dY (on CPU from one blocked pass over dY,
@@ -18,8 +18,8 @@ import torch
 import fusedpeft._C  # noqa: F401  (registers torch.ops.fusedpeft_C)
 from fusedpeft.cpp_backend import seed_value, unavailable_reason  # noqa: F401  (read by fusedpeft.backends)
 from fusedpeft.cpp_backend.dequant import dequantize_4bit
+from fusedpeft.host.lora import add_base_input_grad_, expand_onto_base, lora_B_grad
 from fusedpeft.quantized import dense_weight
-from fusedpeft.torch_backend.lora import add_base_input_grad_, expand_onto_base, lora_B_grad
 
 _ops = torch.ops.fusedpeft_C
 

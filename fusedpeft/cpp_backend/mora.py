@@ -24,8 +24,8 @@ import torch.nn.functional as F
 import fusedpeft._C  # noqa: F401  (registers torch.ops.fusedpeft_C)
 from fusedpeft.cpp_backend import seed_value, unavailable_reason  # noqa: F401  (read by fusedpeft.backends)
 from fusedpeft.cpp_backend.dequant import dequantize_4bit
+from fusedpeft.host.lora import add_base_input_grad_
 from fusedpeft.quantized import dense_weight
-from fusedpeft.torch_backend.lora import add_base_input_grad_
 from fusedpeft.torch_backend.mora import adapter_weight_grad, choose_strategy, geometry, merged_weight
 from fusedpeft.torch_backend.mora_maps import MoraGeometry, rope_tables
 

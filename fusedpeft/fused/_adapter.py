@@ -66,7 +66,7 @@ class AdapterLinear(nn.Module):
         """x [..., in_features] -> [..., out_features] in x's dtype (the autocast dtype under autocast).
 
         Dropout is on in training mode only; its seed is one draw from torch's default CPU
-        generator (SPEC §5). A merged layer runs the plain base layer."""
+        generator (docs/contract.md §5). A merged layer runs the plain base layer."""
         where = f"fusedpeft.{type(self).__name__}.forward"
         base = self.base_layer
         q = quantized_weight(base)

@@ -1,4 +1,4 @@
-"""Input checks of the public entry points (SPEC §6), run before any kernel.
+"""Input checks of the public entry points (docs/contract.md §6), run before any kernel.
 
 Messages name the argument, what it got (shape, dtype, device, value) and what it needs. Value
 checks that read tensor contents (label range, token weight signs) run on CPU tensors always and

@@ -27,17 +27,17 @@ LORA_INITS = ("kaiming", "gaussian")
 
 
 class LoRALinear(AdapterLinear):
-    """``y = base(x) + scaling * dropout(x) @ lora_A.weight^T @ lora_B.weight^T`` (SPEC §2).
+    """``y = base(x) + scaling * dropout(x) @ lora_A.weight^T @ lora_B.weight^T`` (docs/contract.md §2).
 
     Args:
         base: the nn.Linear to adapt; its weight [out, in] and bias [out] are shared (not copied)
             and frozen.
         r: rank; alpha: scaling numerator (scaling = alpha / r, or alpha / sqrt(r) with rsLoRA).
         dropout: probability p in [0, 1) applied to x on the adapter path (training mode only),
-            with the Philox mask of SPEC §5 regenerated in backward, never stored.
+            with the Philox mask of docs/contract.md §5 regenerated in backward, never stored.
         init: "kaiming" (A kaiming-uniform with a = sqrt(5), B zeros) or "gaussian" (A ~ N(0, 1/r^2)).
         backend: None (automatic), "triton", "cuda", "cpu" or "torch".
-        use_dora: DoRA (PEFT's use_dora=True, SPEC §8): a learned magnitude
+        use_dora: DoRA (PEFT's use_dora=True, docs/contract.md §8): a learned magnitude
             ``lora_magnitude_vector`` [out] (initialised to the row norms of W + scaling B A) and
             y = base(x) + (m/n - 1) (x' W^T) + (m/n) scaling x' A^T B^T, x' = dropout(x), with
             n = ||W + scaling B A|| per output row, detached, computed without an [out, in] tensor.

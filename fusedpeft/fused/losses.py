@@ -1,4 +1,4 @@
-"""Masked / weighted cross-entropy (SPEC §4): functionals and their nn.Module forms.
+"""Masked / weighted cross-entropy (docs/contract.md §4): functionals and their nn.Module forms.
 
 Labels are aligned with the rows (no shifting inside). The loss is float32 whatever the input
 dtype. w_t = 0 on ignore_index, else 1 x instruction_weight where instruction_mask is True x
@@ -69,21 +69,9 @@ def masked_cross_entropy(logits, labels, *, instruction_mask=None, instruction_w
                          backend=backend)
 
 
-def linear_cross_entropy(hidden, weight, labels, bias=None, *, instruction_mask=None, instruction_weight=0.0,
-                         token_weights=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-                         softcap=None, num_items_in_batch=None, normalize="token", sequence_ids=None,
-                         chunk_budget_bytes=None, backend=None) -> torch.Tensor:
-    """masked_cross_entropy(hidden @ weight^T + bias, labels) without materialising the logits.
-
-    hidden [..., H], weight [V, H] and bias [V] share one float dtype and device (under autocast
-    all three are cast to the autocast dtype, as an nn.Linear head would be); labels [...].
-    At most ``chunk_budget_bytes`` of chunk logits (and their fp32 temporaries) are alive at once
-    (None: ops.cross_entropy.auto_chunk_budget, torch's aspect-ratio chunk less this op's row
-    vectors, which keeps the peak at or below torch's chunked F.linear_cross_entropy); rows with
-    weight 0 cost no matmul. normalize / sequence_ids as in masked_cross_entropy. Returns a
-    float32 scalar, or float32 [...] for "none".
-    """
-    where = "fusedpeft.linear_cross_entropy"
+def check_linear_head(where: str, hidden, weight, bias) -> None:
+    """hidden [..., H], weight [V, H] and bias [V] | None: float tensors on one device, one dtype
+    (or any under torch.autocast, which casts them to its dtype)."""
     check_tensor(where, "hidden", hidden, floating=True)
     check_tensor(where, "weight", weight, floating=True)
     if weight.dim() != 2 or hidden.dim() == 0 or weight.shape[1] != hidden.shape[-1] or 0 in weight.shape:
@@ -101,6 +89,24 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, instruction_mask=
         check_same_device(where, "bias", bias, "hidden", hidden)
         if cast is None and bias.dtype != hidden.dtype:
             raise TypeError(f"{where}: bias has dtype {bias.dtype} but hidden has dtype {hidden.dtype}")
+
+
+def linear_cross_entropy(hidden, weight, labels, bias=None, *, instruction_mask=None, instruction_weight=0.0,
+                         token_weights=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                         softcap=None, num_items_in_batch=None, normalize="token", sequence_ids=None,
+                         chunk_budget_bytes=None, backend=None) -> torch.Tensor:
+    """masked_cross_entropy(hidden @ weight^T + bias, labels) without materialising the logits.
+
+    hidden [..., H], weight [V, H] and bias [V] share one float dtype and device (under autocast
+    all three are cast to the autocast dtype, as an nn.Linear head would be); labels [...].
+    At most ``chunk_budget_bytes`` of chunk logits (and their fp32 temporaries) are alive at once
+    (None: ops.cross_entropy.auto_chunk_budget, torch's aspect-ratio chunk less this op's row
+    vectors, which keeps the peak at or below torch's chunked F.linear_cross_entropy); rows with
+    weight 0 cost no matmul. normalize / sequence_ids as in masked_cross_entropy. Returns a
+    float32 scalar, or float32 [...] for "none".
+    """
+    where = "fusedpeft.linear_cross_entropy"
+    check_linear_head(where, hidden, weight, bias)
     if chunk_budget_bytes is not None:
         check_positive_int(where, "chunk_budget_bytes", chunk_budget_bytes)
     options = dict(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,

@@ -1,4 +1,4 @@
-"""MoRALinear: a drop-in nn.Linear wrapper with MoRA's square-matrix adapter (SPEC §3)."""
+"""MoRALinear: a drop-in nn.Linear wrapper with MoRA's square-matrix adapter (docs/contract.md §3)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class MoRALinear(AdapterLinear):
             floored to even for type 6.
         mora_type: 1 (sharing, for large r), 6 (RoPE chunks, for small r), or 2, 3, 4 (the other
             share groups ReMoRA cycles through).
-        dropout: p in [0, 1) on x before compression (training mode only), SPEC §5 mask.
+        dropout: p in [0, 1) on x before compression (training mode only), docs/contract.md §5 mask.
         backend: None (automatic), "triton", "cuda", "cpu" or "torch".
     Shapes: x [..., k] -> [..., d]; M [r_hat, r_hat], zero-initialised, float32 when the base
     weight is 16-bit, else the base dtype. No alpha scaling.

@@ -35,7 +35,7 @@ import types
 import torch
 from torch import nn
 
-from fusedpeft.fused._checks import check_loss_options, check_normalize
+from fusedpeft.fused import check_loss_options, check_normalize
 from fusedpeft.fused.losses import linear_cross_entropy
 
 # keywords of linear_cross_entropy that a patch may fix (the rest are per batch)
@@ -165,6 +165,10 @@ def _patched_forward(self, *args, instruction_mask=None, token_weights=None, **k
             if name in kwargs:
                 raise TypeError(f"{type(self).__name__}.forward got multiple values for argument {name!r}")
             kwargs[name] = value
+    if kwargs.pop("fused_lm_head", False):  # TRL's call (fusedpeft/integrations/trl.py)
+        from fusedpeft.integrations.trl import fused_lm_head_forward
+
+        return fused_lm_head_forward(self, kwargs, instruction_mask, token_weights)
     labels = kwargs.get("labels")
     if labels is None:
         for key in ("labels", "num_items_in_batch", "shift_labels"):
@@ -204,7 +208,9 @@ def patch_causal_lm(model: nn.Module, **loss_keywords) -> nn.Module:
     [batch, seq] bool (True on prompt tokens, weighted by instruction_weight) and token_weights
     [batch, seq] float >= 0, all aligned with input_ids and shifted inside as HF shifts labels.
     With labels it returns CausalLMOutputWithPast(loss=float32 scalar, logits=None, ...); without,
-    the original forward's output. Patching again replaces the keywords. Returns ``model`` (patched
+    the original forward's output. With ``fused_lm_head=True`` (TRL's trainers) it returns trl's
+    FusedCausalLMOutput of per-token log-probabilities instead (fusedpeft/integrations/trl.py).
+    Patching again replaces the keywords. Returns ``model`` (patched
     in place: an instance-level forward; ``model.accepts_loss_kwargs`` is set so the Trainer passes
     num_items_in_batch). For a PEFT-wrapped model, patch the HF model inside it
     (``peft_model.get_base_model()``); PEFT's forward reaches the patched one.

@@ -22,7 +22,7 @@ import types
 
 from torch import nn
 
-from fusedpeft.fused._adapter import AdapterLinear
+from fusedpeft.fused import AdapterLinear
 
 
 def _plain_keys(state_dict: dict, adapter_names: list[str]) -> dict:

@@ -1,5 +1,5 @@
 """Model-level adapters: apply_lora / apply_mora swap target nn.Linear layers of any model for the
-fused layers; merge_adapters folds them back into plain nn.Linear layers (SPEC §1)."""
+fused layers; merge_adapters folds them back into plain nn.Linear layers (docs/contract.md §1)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from fusedpeft.fused._adapter import AdapterLinear
+from fusedpeft.fused import AdapterLinear
 from fusedpeft.fused.lora import LoRALinear
 from fusedpeft.fused.mora import MoRALinear
 from fusedpeft.integrations.checkpoints import install_checkpointing
@@ -169,7 +169,7 @@ def apply_lora(model: nn.Module, target_modules=None, r: int = 8, alpha: float =
             name equals a name or ends with "." + name ("q_proj", "self_attn.q_proj", ...).
             A peft.LoraConfig here stands for target_modules, r, lora_alpha, lora_dropout,
             use_rslora, use_dora and init_lora_weights (options fusedpeft lacks raise ValueError).
-        r, alpha, dropout: rank, scaling numerator and adapter dropout p (SPEC §2); PEFT's names
+        r, alpha, dropout: rank, scaling numerator and adapter dropout p (docs/contract.md §2); PEFT's names
             lora_alpha / lora_dropout are accepted for alpha / dropout.
         **kw: passed to LoRALinear: use_rslora, init ("kaiming" / "gaussian"), backend, use_dora
             (DoRA: adds a trainable magnitude lora_magnitude_vector [out] per layer).
@@ -180,16 +180,9 @@ def apply_lora(model: nn.Module, target_modules=None, r: int = 8, alpha: float =
     already adapted; TypeError for bad target_modules, a PEFT layer, or a non-Linear module
     matching explicit target_modules (the default list skips those, e.g. GPT-2's Conv1D).
     """
-    where = "fusedpeft.apply_lora"
-    named = dict(target_modules=None, r=8, alpha=8.0, dropout=0.0)
-    args = adapter_arguments(where, dict(target_modules=target_modules, r=r, alpha=alpha, dropout=dropout),
-                             named, kw, layer_keywords(LoRALinear, named))
-    target_modules = args.pop("target_modules")
-
-    def make(base: nn.Linear) -> LoRALinear:
-        return LoRALinear(base, **args)
-
-    return _swap_in(where, model, target_modules, make)
+    return _apply_adapter("fusedpeft.apply_lora", model, LoRALinear,
+                          dict(target_modules=None, r=8, alpha=8.0, dropout=0.0),
+                          dict(target_modules=target_modules, r=r, alpha=alpha, dropout=dropout), kw)
 
 
 def apply_mora(model: nn.Module, target_modules=None, r: int = 8, mora_type: int = 6, dropout: float = 0.0,
@@ -197,19 +190,26 @@ def apply_mora(model: nn.Module, target_modules=None, r: int = 8, mora_type: int
     """Replace every target nn.Linear of ``model`` by a MoRALinear wrapping it, freeze everything else.
 
     Args: as apply_lora; r is the LoRA rank whose parameter count each layer's M [r_hat, r_hat]
-    matches (r_hat per layer, SPEC §3); mora_type in {1, 2, 3, 4, 6}; **kw: backend.
+    matches (r_hat per layer, docs/contract.md §3); mora_type in {1, 2, 3, 4, 6}; **kw: backend.
     Returns the same model; M is zero-initialised on the base weight's device (float32 next to a
     16-bit base weight). A layer for which r gives an invalid r_hat raises ValueError naming it,
     before any layer is swapped.
     """
-    where = "fusedpeft.apply_mora"
-    named = dict(target_modules=None, r=8, mora_type=6, dropout=0.0)
-    args = adapter_arguments(where, dict(target_modules=target_modules, r=r, mora_type=mora_type, dropout=dropout),
-                             named, kw, layer_keywords(MoRALinear, named))
+    return _apply_adapter("fusedpeft.apply_mora", model, MoRALinear,
+                          dict(target_modules=None, r=8, mora_type=6, dropout=0.0),
+                          dict(target_modules=target_modules, r=r, mora_type=mora_type, dropout=dropout), kw)
+
+
+def _apply_adapter(where: str, model: nn.Module, layer_class: type[AdapterLinear], defaults: dict, given: dict,
+                   kw: dict) -> nn.Module:
+    """apply_lora / apply_mora: ``given`` holds the named arguments as called, ``defaults`` their
+    defaults, ``kw`` the rest; the checked arguments (adapter_arguments) build one ``layer_class``
+    per target Linear."""
+    args = adapter_arguments(where, given, defaults, kw, layer_keywords(layer_class, defaults))
     target_modules = args.pop("target_modules")
 
-    def make(base: nn.Linear) -> MoRALinear:
-        return MoRALinear(base, **args)
+    def make(base: nn.Linear) -> AdapterLinear:
+        return layer_class(base, **args)
 
     return _swap_in(where, model, target_modules, make)
 

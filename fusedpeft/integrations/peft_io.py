@@ -1,5 +1,5 @@
 """PEFT interop: from_peft (a PEFT LoRA model's layers as LoRALinear, same tensors) and save_adapter /
-load_adapter in PEFT's on-disk format (SPEC §1).
+load_adapter in PEFT's on-disk format (docs/contract.md §1).
 
 On disk (a directory):
   adapter_config.json          PEFT's LoraConfig fields: peft_type "LORA", r, lora_alpha, lora_dropout,
@@ -26,8 +26,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from fusedpeft.fused._adapter import AdapterLinear
-from fusedpeft.fused._checks import FLOAT_DTYPES
+from fusedpeft.fused import FLOAT_DTYPES, AdapterLinear
 from fusedpeft.fused.lora import LoRALinear
 from fusedpeft.fused.mora import MoRALinear, _checked_r_hat
 from fusedpeft.integrations.checkpoints import install_checkpointing
@@ -90,7 +89,7 @@ def from_peft(peft_model) -> nn.Module:
     PEFT's scaling (alpha/r or rsLoRA, rank/alpha patterns included), dropout p and merged state;
     a DoRA layer becomes LoRALinear(use_dora=True) sharing PEFT's magnitude Parameter [out].
     requires_grad flags are kept. The PEFT wrapper must not be used afterwards. With dropout 0
-    outputs and gradients equal PEFT's; with p > 0 the mask comes from SPEC §5's Philox stream
+    outputs and gradients equal PEFT's; with p > 0 the mask comes from docs/contract.md §5's Philox stream
     instead of torch's dropout RNG.
     """
     where = "fusedpeft.from_peft"

@@ -1,6 +1,6 @@
 """ReMoRA for transformers.Trainer: every N optimizer steps fold each MoRA update into its base weight,
 re-zero M, switch the compression type and reset M's optimizer state (the MoRA reference's
-ResetReloraCallback, SPEC §3)."""
+ResetReloraCallback, docs/contract.md §3)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
-from fusedpeft.fused._checks import check_positive_int
+from fusedpeft.fused import check_positive_int
 from fusedpeft.fused.mora import MoRALinear
 from fusedpeft.reference import MORA_TYPES
 

@@ -1,4 +1,4 @@
-"""The "triton" backend of the cross_entropy op family (SPEC §4): launchers of the row kernels in
+"""The "triton" backend of the cross_entropy op family (docs/contract.md §4): launchers of the row kernels in
 ``cross_entropy_kernels`` with the torch backend's API (fusedpeft/torch_backend/cross_entropy.py).
 
 Memory and traffic choices (8192 rows, V = 128256, bf16 numbers in the report):
@@ -10,7 +10,7 @@ Memory and traffic choices (8192 rows, V = 128256, bf16 numbers in the report):
   alive from forward to backward, as F.cross_entropy's saved log-softmax is; recomputing costs
   the same bytes (read + read + write either way, in place or not) and no memory beyond the output.
 - linear_cross_entropy_* run the chunk loop every backend shares
-  (torch_backend.cross_entropy.chunked_linear_pass: zero-scale rows dropped, chunks sized by one
+  (host.cross_entropy.chunked_linear_pass: zero-scale rows dropped, chunks sized by one
   rule from ``chunk_budget_bytes``, grad_hidden / grad_weight / grad_bias contracted per chunk by
   cuBLAS); the Triton chunk step computes each chunk's logits with torch.matmul in the input dtype,
   runs the forward kernel (lse, loss) and the backward kernel writing dlogits IN PLACE into that
@@ -32,11 +32,10 @@ import triton.language as tl
 
 from fusedpeft.kernels._common import device_capability, for_launch, interpreting
 from fusedpeft.kernels.cross_entropy_kernels import _ce_bwd_kernel, _ce_fwd_kernel
-from fusedpeft.torch_backend.cross_entropy import (
+from fusedpeft.host.cross_entropy import (
     accumulation_dtype,
-    backward_by_chunks,
+    by_chunks,
     chunked_linear_pass,
-    forward_by_chunks,
 )
 
 # (BLOCK_V, num_warps) per architecture; every entry is AOT-compiled by
@@ -140,7 +139,7 @@ def cross_entropy_backward(grad_loss, logits, labels, row_scale, lse, label_smoo
 
 def _chunk_loss(make_logits, labels, scale, with_grad: bool, label_smoothing: float, z_loss: float,
                 softcap: float | None):
-    """linear_cross_entropy_pass's per-chunk step (see torch_backend.chunked_linear_pass): the
+    """linear_cross_entropy_pass's per-chunk step (see host.cross_entropy.chunked_linear_pass): the
     forward kernel reads the input-dtype logits once (lse, l_t), the backward kernel writes
     d(scale l)/dlogits over them IN PLACE, so the chunk holds one [rows, V] buffer."""
     logits = make_logits()
@@ -167,11 +166,5 @@ def linear_cross_entropy_pass(hidden, weight, bias, labels, scale, label_smoothi
                                scale, chunk_budget_bytes, need_hidden, need_weight, need_bias)
 
 
-def linear_cross_entropy_forward(*args):
-    """torch_backend.cross_entropy.forward_by_chunks with this module's pass (same arguments)."""
-    return forward_by_chunks(linear_cross_entropy_pass, *args)
-
-
-def linear_cross_entropy_backward(*args):
-    """torch_backend.cross_entropy.backward_by_chunks with this module's pass (same arguments)."""
-    return backward_by_chunks(linear_cross_entropy_pass, *args)
+# the backend API of fusedpeft.ops.cross_entropy on this module's pass
+linear_cross_entropy_forward, linear_cross_entropy_backward = by_chunks(linear_cross_entropy_pass)

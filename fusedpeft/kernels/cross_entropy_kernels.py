@@ -1,4 +1,4 @@
-"""Triton row kernels of the masked / weighted cross-entropy (SPEC §4).
+"""Triton row kernels of the masked / weighted cross-entropy (docs/contract.md §4).
 
 One program per row of logits [N, V] (row stride ``stride_row``, unit column stride). Per row t,
 with z the logits in the accumulation dtype ACC (fp32, or fp64 for fp64 logits) and s_t the

@@ -1,7 +1,7 @@
 """The "triton" backend's 4-bit dequantization: one memory-bound kernel writing W into a buffer that
 the existing fused LoRA / MoRA GEMMs (kernels/lora.py, kernels/mora.py) then read as a dense weight.
 
-Why a separate kernel rather than dequantizing inside the GEMM's K loop (counted with DESIGN §2's
+Why a separate kernel rather than dequantizing inside the GEMM's K loop (counted with docs/architecture.md §2's
 rules at the training size of the issue: N = 8192 tokens, 4096 -> 4096, bf16, NF4 blocksize 64,
 128 x 128 GEMM tiles; one GEMM of the forward, the dX GEMM of the backward costs the same):
 - FLOPs: the GEMM is 2 N K D = 275 GFLOP on tensor cores either way. In the K loop every one of

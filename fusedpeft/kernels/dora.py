@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from fusedpeft.host.dora import magnitude_grad_from_sums
 from fusedpeft.kernels._common import for_launch, interpreting
 from fusedpeft.kernels.dora_jit import _colsum_product_kernel, _dora_bwd_dx_kernel, _dora_fwd_kernel
 from fusedpeft.kernels.lora import (
@@ -27,6 +28,7 @@ from fusedpeft.kernels.lora import (
     _acc_dtype,
     _arch_class,
     _check,
+    _dense,
     _dropout_args,
     _precision,
     _tuned,
@@ -37,8 +39,6 @@ from fusedpeft.kernels.lora import (
     shrink,
     unavailable_reason,  # noqa: F401  (read by fusedpeft.backends)
 )
-from fusedpeft.kernels.lora import _dense
-from fusedpeft.torch_backend.dora import magnitude_grad_from_sums
 
 # GEMM tiles of the dropout variants (two [BLOCK_M, BLOCK_N] accumulators): (BLOCK_M, BLOCK_N,
 # BLOCK_K, num_warps, num_stages) per (arch class, element bytes); without dropout the LoRA

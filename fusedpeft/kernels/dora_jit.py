@@ -1,4 +1,4 @@
-"""The @triton.jit kernels of DoRA (SPEC §8); launchers live in kernels/dora.py.
+"""The @triton.jit kernels of DoRA (docs/contract.md §8); launchers live in kernels/dora.py.
 
 DoRA variants of the LoRA GEMMs of kernels/lora_jit.py (same notation, tiles, swizzle, dropout
 tile and rank prologue), with g = m / n [D] applied in the epilogue:

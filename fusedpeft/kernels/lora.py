@@ -44,7 +44,7 @@ MAX_GEMM_R_BLOCK = 32
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), keyed by (arch class, element
-# bytes). 128x128 fp32 accumulators need 8 warps on sm_90 (4 spill, see ENVIRONMENT.md). dX has
+# bytes). 128x128 fp32 accumulators need 8 warps on sm_90 (4 spill, see docs/verifying.md §4). dX has
 # more live registers than the forward (its prologue holds the dropout mask, the x tile and the
 # dA tile); its 2-byte configs differ where ptxas spilled. Every 2-byte config is compiled ahead
 # of time for its arch in tests/test_triton_lora_aot.py.

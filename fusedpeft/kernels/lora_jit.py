@@ -1,9 +1,9 @@
-"""The @triton.jit kernels of the fused LoRA layer (DESIGN §2); launchers live in kernels/lora.py.
+"""The @triton.jit kernels of the fused LoRA layer (docs/architecture.md §2); launchers live in kernels/lora.py.
 
 Notation: x [N, K] (tokens x in_features, contiguous), W [D, K], A [R, K], B [D, R], S [N, R],
 dY [N, D]. The rank axis is processed in chunks of R_BLOCK (a power of two >= 16, at most 128):
 one chunk for r <= 128, padded with masked zeros; larger ranks loop (GEMMs) or add a program
-axis (the thin kernels). Dropout (SPEC §5): element (m, j) of x is kept when
+axis (the thin kernels). Dropout (docs/contract.md §5): element (m, j) of x is kept when
 tl.rand(seed, (m * K + j) mod 2**32 as int32) >= p and then scaled by 1 / (1 - p); the mask is
 regenerated wherever it is needed, never stored. Accumulation is fp32 (fp64 for fp64 inputs);
 dot operands are x's dtype (adapter tiles are cast on load), fp32 dots use IEEE precision so
@@ -20,7 +20,7 @@ import triton.language as tl
 
 @triton.jit
 def _dropout_tile(t, rm, rk, K, seed, p, scale):
-    """t [BM, BK] with the SPEC §5 mask of rows rm, columns rk of an [*, K] input applied."""
+    """t [BM, BK] with the docs/contract.md §5 mask of rows rm, columns rk of an [*, K] input applied."""
     offset = (rm.to(tl.int64)[:, None] * K + rk[None, :]).to(tl.int32)  # the low 32 bits
     keep = tl.rand(seed, offset) >= p
     return tl.where(keep, t * scale, 0.0)

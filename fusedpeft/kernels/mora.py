@@ -1,8 +1,8 @@
-"""The "triton" backend of the mora op family (SPEC §3, §5): launchers for kernels/mora_kernels.py.
+"""The "triton" backend of the mora op family (docs/contract.md §3, §5): launchers for kernels/mora_kernels.py.
 
     y = x @ W^T + bias + decompress(compress(dropout(x)) @ M^T)        x [N, K], W [D, K], M [R, R]
 
-Two designs (DESIGN §2); neither forms the wrap-padded / reshaped copy of x nor ΔW [D, K]:
+Two designs (docs/architecture.md §2); neither forms the wrap-padded / reshaped copy of x nor ΔW [D, K]:
 
 - "tile" (design A): the ΔW tile is generated from M inside the base GEMM.
   Type 6: after the K loop, each output tile runs extra dots over the chunk(s) that feed it, with
@@ -109,7 +109,7 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Sizes of one MoRA layer: K in, D out, R = r_hat, wrap padding, chunks (SPEC §3)."""
+    """Sizes of one MoRA layer: K in, D out, R = r_hat, wrap padding, chunks (docs/contract.md §3)."""
 
     K: int
     D: int
@@ -163,7 +163,7 @@ def choose_design(mora_type: int, dtype: torch.dtype, dropout_p: float) -> str:
 
 @functools.lru_cache(maxsize=64)
 def rope_tables(r_hat: int, n_chunks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos, sin [n_chunks, r_hat] (SPEC §3), cached per (r_hat, n, device); never in a state_dict."""
+    """fp32 cos, sin [n_chunks, r_hat] (docs/contract.md §3), cached per (r_hat, n, device); never in a state_dict."""
     return tuple(t.contiguous() for t in mora_rope_tables(r_hat, n_chunks, device))
 
 

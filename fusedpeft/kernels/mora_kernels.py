@@ -1,7 +1,7 @@
-"""@triton.jit kernels of the MoRA op family (SPEC §3, §5); launchers in fusedpeft/kernels/mora.py.
+"""@triton.jit kernels of the MoRA op family (docs/contract.md §3, §5); launchers in fusedpeft/kernels/mora.py.
 
 Notation: x [N, K], W [D, K], M [R, R] (R = r_hat), pad = wrap padding, n = (K + pad) / R chunks,
-span = n R. Dropout (SPEC §5) is regenerated in every kernel that reads x: element (m, j) is kept
+span = n R. Dropout (docs/contract.md §5) is regenerated in every kernel that reads x: element (m, j) is kept
 when tl.rand(seed, (m K + j) as int32) >= p and then scaled by 1 / (1 - p); no mask is stored.
 Accumulation is fp32 (fp64 for fp64 inputs); tl.dot operands are cast to the dtype of the A
 operand (x, dY or an [N, R] intermediate in x's dtype).
@@ -22,7 +22,7 @@ def _keep_scale(seed, p, scale_ptr, rows, cols, K):
 @triton.jit
 def _slot(idx, L, R, CONTIG: tl.constexpr):
     """Slot of position idx on an axis of length L: idx mod R (strided / tiled), or the index of its
-    contiguous group (SPEC §3: the first L mod R groups hold L // R + 1 positions, the rest L // R)."""
+    contiguous group (docs/contract.md §3: the first L mod R groups hold L // R + 1 positions, the rest L // R)."""
     if CONTIG:
         q = L // R
         edge = (L - q * R) * (q + 1)

@@ -60,30 +60,78 @@ def rows_as(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t if t.shape == shape else t.view(shape).detach()
 
 
-def eager_twin(forward_impl, setup_context, backward) -> type[torch.autograd.Function]:
+def eager_twin(forward_impl, setup_context, backward, tensor_lists: tuple[int, ...] = ()
+               ) -> type[torch.autograd.Function]:
     """An autograd.Function running a custom op's own body, setup_context and backward.
 
     torch.library's Python dispatch costs ~170 us per forward + backward of one layer on CPU,
     more than a small layer's compute; outside torch.compile the ops run through this twin
     instead (see ``run``). ``ctx.eager`` tells the shared backward to call the backward
     implementation directly rather than through its op.
+
+    tensor_lists: the positions of ``Tensor[]`` inputs whose elements take gradients (the grouped
+    op's adapters). autograd.Function tracks only tensors passed as arguments, so the twin's apply
+    passes their elements one by one and regroups them, so that forward_impl, setup_context and
+    backward see the op's own structure: the lists, a list output's gradients as one list,
+    ctx.needs_input_grad with a tuple of flags per list, and a list of gradients per list back.
     """
+    if not tensor_lists:
+        def forward(ctx, *inputs):
+            output = forward_impl(*inputs)
+            setup_context(ctx, inputs, output)
+            ctx.eager = True
+            return output
 
-    def forward(ctx, *inputs):
-        output = forward_impl(*inputs)
-        setup_context(ctx, inputs, output)
-        ctx.eager = True
-        return output
+        return type(f"{forward_impl.__name__}_eager", (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
-    return type(f"{forward_impl.__name__}_eager", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    def regroup(flat, lengths):
+        """flat arguments (or their flags) -> the op's structure, a tuple per Tensor[] position."""
+        sizes = dict(zip(tensor_lists, lengths))
+        out, start = [], 0
+        for i in range(len(flat) - sum(lengths) + len(lengths)):
+            n = sizes.get(i)
+            out.append(flat[start] if n is None else tuple(flat[start:start + n]))
+            start += 1 if n is None else n
+        return out
+
+    class Twin(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, lengths, *flat):
+            inputs = regroup(flat, lengths)
+            inputs = tuple(list(v) if i in tensor_lists else v for i, v in enumerate(inputs))
+            output = forward_impl(*inputs)
+            setup_context(ctx, inputs, output)
+            ctx.eager, ctx.twin_list_output = True, isinstance(output, list)
+            ctx.needs_input_grad = tuple(regroup(ctx.needs_input_grad[1:], lengths))  # as the op's ctx has it
+            return tuple(output) if ctx.twin_list_output else output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            grads = backward(ctx, *((list(grads),) if ctx.twin_list_output else grads))
+            flat = []
+            for i, g in enumerate(grads):
+                if i in tensor_lists:
+                    flat.extend(g)
+                else:
+                    flat.append(None if isinstance(g, (list, tuple)) else g)  # an untracked list: no gradient
+            return None, *flat
+
+        @classmethod
+        def apply(cls, *args):
+            lengths = tuple(len(args[i]) for i in tensor_lists)
+            flat = [t for i, a in enumerate(args) for t in (a if i in tensor_lists else (a,))]
+            return super().apply(lengths, *flat)
+
+    return type(f"{forward_impl.__name__}_eager", (Twin,), {})  # named at creation, as its backward node
 
 
 def run(op, twin: type[torch.autograd.Function], *args):
     """The registered op while torch.compile / torch.export trace, else its eager twin. A quantized
     base weight (fusedpeft.quantized.QuantizedWeight, args[1]) is not a tensor, which a custom op's
-    schema cannot take: it always runs through the twin."""
-    quantized = not isinstance(args[1], torch.Tensor)
+    schema cannot take: it always runs through the twin (the grouped op's args[1] is a list of
+    dense weights: quantized bases are not grouped)."""
+    quantized = not isinstance(args[1], (torch.Tensor, list))
     return op(*args) if torch.compiler.is_compiling() and not quantized else twin.apply(*args)
 
 

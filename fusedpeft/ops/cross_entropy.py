@@ -1,4 +1,4 @@
-"""The cross_entropy op family (SPEC §4): masked / weighted cross-entropy from logits, and the
+"""The cross_entropy op family (docs/contract.md §4): masked / weighted cross-entropy from logits, and the
 linear cross-entropy that never materialises rows x V logits.
 
 The op layer folds ignore_index, instruction_mask / instruction_weight, token_weights and the

@@ -1,7 +1,7 @@
 """The dora op family: ``fusedpeft::dora_linear`` and its backward, behind one schema per backend.
 
-    g = m / n,  n_i = ||W_i + s (B A)_i||_2 (detached, factored: no [D, K] tensor)    (SPEC §8)
-    y = base(x) + (g - 1) * (x' W^T) + g * s * x' A^T B^T,  x' = dropout(x)           (SPEC §5)
+    g = m / n,  n_i = ||W_i + s (B A)_i||_2 (detached, factored: no [D, K] tensor)    (docs/contract.md §8)
+    y = base(x) + (g - 1) * (x' W^T) + g * s * x' A^T B^T,  x' = dropout(x)           (docs/contract.md §5)
 
 The op takes g [D] as a differentiable input and returns grad_g; ``dora_linear`` below computes n
 and g = magnitude / n with autograd, so grad_magnitude = grad_g / n flows through torch itself.
@@ -31,7 +31,7 @@ from fusedpeft.ops._common import (
     save_weight,
     saved_weight,
 )
-from fusedpeft.torch_backend.dora import weight_norm, weight_sq_norm
+from fusedpeft.host.dora import weight_norm, weight_sq_norm
 
 __all__ = ["dora_linear", "weight_norm", "weight_sq_norm"]
 

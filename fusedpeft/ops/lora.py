@@ -1,6 +1,6 @@
 """The lora op family: ``fusedpeft::lora_linear`` and its backward, behind one schema per backend.
 
-    y = x @ W^T + bias + scaling * dropout(x) @ A^T @ B^T           (SPEC §2, §5)
+    y = x @ W^T + bias + scaling * dropout(x) @ A^T @ B^T           (docs/contract.md §2, §5)
 
 Saved for backward: x, S = dropout(x) @ A^T [N, r] and the seed; never a dropped copy of x
 nor anything of size N x out_features. Gradients flow to x, A and B, never to W or bias.

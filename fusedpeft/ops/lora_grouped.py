@@ -26,7 +26,16 @@ import torch
 from torch import Tensor
 
 from fusedpeft.backends import implementation, requested_backend, resolve_backend
-from fusedpeft.ops._common import as_rows, autocast_dtype, empty_result, maybe, no_autocast
+from fusedpeft.ops._common import (
+    as_rows,
+    autocast_dtype,
+    eager_twin,
+    empty_result,
+    maybe,
+    no_autocast,
+    run,
+    run_backward,
+)
 
 GROUPED_IMPLEMENTATIONS = {"torch": "fusedpeft.torch_backend.lora_grouped"}
 
@@ -53,9 +62,9 @@ def resolve_grouped_backend(backend: str | None, device: torch.device) -> str:
     return "torch"
 
 
-def _forward(x: Tensor, weights: list[Tensor], biases: list[Tensor], lora_As: list[Tensor],
-             lora_Bs: list[Tensor], scalings: list[float], dropout_p: float, seed: Optional[Tensor],
-             backend: str) -> list[Tensor]:
+def _lora_linear_grouped(x: Tensor, weights: list[Tensor], biases: list[Tensor], lora_As: list[Tensor],
+                         lora_Bs: list[Tensor], scalings: list[float], dropout_p: float, seed: Optional[Tensor],
+                         backend: str) -> list[Tensor]:
     """x [N, K]; weights[i] [D_i, K]; biases[i] [D_i] or empty [0] for none; lora_As[i] [r_i, K];
     lora_Bs[i] [D_i, r_i] -> [y_0 [N, D_0], ..., y_{G-1}, S [N, sum r_i]] (x's dtype).
 
@@ -67,7 +76,8 @@ def _forward(x: Tensor, weights: list[Tensor], biases: list[Tensor], lora_As: li
     return [*ys, S]
 
 
-lora_linear_grouped_op = torch.library.custom_op("fusedpeft::lora_linear_grouped", _forward, mutates_args=())
+lora_linear_grouped_op = torch.library.custom_op("fusedpeft::lora_linear_grouped", _lora_linear_grouped,
+                                                 mutates_args=())
 
 
 @lora_linear_grouped_op.register_fake
@@ -76,9 +86,10 @@ def _(x, weights, biases, lora_As, lora_Bs, scalings, dropout_p, seed, backend):
     return [*(x.new_empty(x.shape[0], w.shape[0]) for w in weights), x.new_empty(x.shape[0], rank)]
 
 
-def _backward_impl(grad_ys: list[Optional[Tensor]], x: Tensor, weights: list[Tensor], lora_As: list[Tensor],
-                   lora_Bs: list[Tensor], S: Tensor, scalings: list[float], dropout_p: float, seed: Optional[Tensor],
-                   need_x: bool, need_A: bool, need_B: bool, backend: str) -> list[Tensor]:
+def _lora_linear_grouped_backward(grad_ys: list[Optional[Tensor]], x: Tensor, weights: list[Tensor],
+                                  lora_As: list[Tensor], lora_Bs: list[Tensor], S: Tensor, scalings: list[float],
+                                  dropout_p: float, seed: Optional[Tensor], need_x: bool, need_A: bool, need_B: bool,
+                                  backend: str) -> list[Tensor]:
     """-> [grad_x [N, K], grad_A_0 .. grad_A_{G-1}, grad_B_0 .. grad_B_{G-1}]; unneeded ones empty [0]."""
     with no_autocast(x.device.type):
         grad_x, grad_As, grad_Bs = grouped_implementation(backend).lora_grouped_backward(
@@ -89,8 +100,8 @@ def _backward_impl(grad_ys: list[Optional[Tensor]], x: Tensor, weights: list[Ten
     return [g if g is not None else empty_result(x) for g in (grad_x, *grad_As, *grad_Bs)]
 
 
-lora_linear_grouped_backward_op = torch.library.custom_op("fusedpeft::lora_linear_grouped_backward", _backward_impl,
-                                                          mutates_args=())
+lora_linear_grouped_backward_op = torch.library.custom_op("fusedpeft::lora_linear_grouped_backward",
+                                                          _lora_linear_grouped_backward, mutates_args=())
 
 
 @lora_linear_grouped_backward_op.register_fake
@@ -128,8 +139,8 @@ def _backward(ctx, grads):
     nothing = [None] * G  # list inputs take a list of gradients
     if all(g is None for g in grad_ys):
         return None, nothing, nothing, nothing, nothing, None, None, None, None
-    out = lora_linear_grouped_backward_op(grad_ys, x, weights, lora_As, lora_Bs, S, ctx.scalings, ctx.dropout_p,
-                                          seed, need_x, need_A, need_B, ctx.backend)
+    out = run_backward(ctx, lora_linear_grouped_backward_op, _lora_linear_grouped_backward, grad_ys, x, weights,
+                       lora_As, lora_Bs, S, ctx.scalings, ctx.dropout_p, seed, need_x, need_A, need_B, ctx.backend)
     return (maybe(out[0]), nothing, nothing, [maybe(g) for g in out[1:G + 1]], [maybe(g) for g in out[G + 1:]],
             None, None, None, None)
 
@@ -137,42 +148,14 @@ def _backward(ctx, grads):
 lora_linear_grouped_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _GroupedEager(torch.autograd.Function):
-    """The op's body with autograd, outside torch.compile (torch.library dispatch costs ~170 us per
-    call on CPU, see ops/_common.eager_twin). The adapters travel as separate arguments so that
-    autograd tracks them; ``spec`` holds everything else."""
-
-    @staticmethod
-    def forward(ctx, spec, x, *adapters):
-        weights, biases, scalings, dropout_p, seed, backend = spec
-        G = len(weights)
-        lora_As, lora_Bs = list(adapters[:G]), list(adapters[G:])
-        out = _forward(x, weights, biases, lora_As, lora_Bs, scalings, dropout_p, seed, backend)
-        ctx.save_for_backward(x, out[-1], seed, *weights, *lora_As, *lora_Bs)
-        ctx.G, ctx.scalings, ctx.dropout_p, ctx.backend = G, scalings, dropout_p, backend
-        ctx.mark_non_differentiable(out[-1])
-        ctx.set_materialize_grads(False)
-        return tuple(out)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        x, S, seed, weights, lora_As, lora_Bs = _unpack(ctx)
-        G = ctx.G
-        need_x = ctx.needs_input_grad[1]
-        need_A = any(ctx.needs_input_grad[2:2 + G])
-        need_B = any(ctx.needs_input_grad[2 + G:])
-        grad_ys = list(grads[:G])
-        if all(g is None for g in grad_ys):
-            return (None,) * (2 + 2 * G)
-        out = _backward_impl(grad_ys, x, weights, lora_As, lora_Bs, S, ctx.scalings, ctx.dropout_p, seed, need_x,
-                             need_A, need_B, ctx.backend)
-        return (None, *(maybe(g) for g in out))
+# the twin outside torch.compile (ops._common.eager_twin); lora_As and lora_Bs (arguments 3, 4) take gradients
+_LoRALinearGroupedEager = eager_twin(_lora_linear_grouped, _setup_context, _backward, tensor_lists=(3, 4))
 
 
 def lora_linear_grouped(x: Tensor, weights, biases, lora_As, lora_Bs, scalings, dropout_p: float = 0.0,
                         seed: Tensor | None = None, backend: str | None = None) -> list[Tensor]:
     """x [..., K] -> [y_i [..., D_i] for each layer]. Inputs are assumed validated
-    (fusedpeft.fused.lora_group does it).
+    (fusedpeft.fused.lora_grouped does it).
 
     weights[i] [D_i, K]; biases[i] [D_i] | None; lora_As[i] [r_i, K]; lora_Bs[i] [D_i, r_i];
     scalings[i] float; seed: 0-dim int64 CPU tensor, required when dropout_p > 0 (one mask for the
@@ -187,9 +170,6 @@ def lora_linear_grouped(x: Tensor, weights, biases, lora_As, lora_Bs, scalings, 
     scalings = [float(s) for s in scalings]
     rows = as_rows(x)
     biases = [b if b is not None else empty_result(rows) for b in biases]
-    if torch.compiler.is_compiling():
-        out = lora_linear_grouped_op(rows, weights, biases, lora_As, lora_Bs, scalings, float(dropout_p), seed, name)
-    else:
-        out = _GroupedEager.apply((weights, biases, scalings, float(dropout_p), seed, name), rows, *lora_As,
-                                  *lora_Bs)
+    out = run(lora_linear_grouped_op, _LoRALinearGroupedEager, rows, weights, biases, lora_As, lora_Bs, scalings,
+              float(dropout_p), seed, name)
     return [y.reshape(*x.shape[:-1], w.shape[0]) for y, w in zip(out[:-1], weights)]

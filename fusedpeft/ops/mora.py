@@ -1,4 +1,4 @@
-"""The mora op family: ``fusedpeft::mora_linear`` and its backward (SPEC §3, §5).
+"""The mora op family: ``fusedpeft::mora_linear`` and its backward (docs/contract.md §3, §5).
 
     y = x @ W^T + bias + decompress(compress(dropout(x)) @ M^T)
 

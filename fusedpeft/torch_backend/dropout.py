@@ -1,4 +1,4 @@
-"""SPEC §5 dropout for the PyTorch path: the mask regenerated block by block from the seed.
+"""docs/contract.md §5 dropout for the PyTorch path: the mask regenerated block by block from the seed.
 
 Nothing of size x is ever stored: callers walk the rows of x[M, K] in blocks and get, per block,
 the multiplier keep / (1 - p) in x's dtype. The Philox stream in eager PyTorch costs about 120

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from fusedpeft.host.lora import add_base_input_grad_, base_input_grad, expand_onto_base, lora_B_grad
 from fusedpeft.quantized import dense_weight
 from fusedpeft.torch_backend.dropout import dropped_blocks
 
@@ -27,28 +28,18 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: flo
     base product at all (8-bit, the layer adds bitsandbytes' own output).
     """
     weight = dense_weight(weight, x.dtype)
-    A = lora_A.to(x.dtype)
-    if dropout_p > 0.0:
-        S = x.new_empty(x.shape[0], A.shape[0])
-        for rows, _, x_dropped in dropped_blocks(x, dropout_p, seed):
-            torch.mm(x_dropped, A.t(), out=S[rows])
-    else:
-        S = x @ A.t()
+    S = shrink(x, lora_A.to(x.dtype), dropout_p, seed)
     return expand_onto_base(S, x, weight, bias, lora_B, scaling), S
 
 
-def expand_onto_base(S, x, weight, bias, lora_B, scaling: float) -> torch.Tensor:
-    """y [N, D] = bias + scaling * S @ B^T, then y += x @ W^T as the base GEMM's beta=1 accumulation
-    (no base product when weight is None)."""
-    B_scaled = (lora_B * scaling).to(x.dtype)
-    y = S @ B_scaled.t() if bias is None else torch.addmm(bias, S, B_scaled.t())
-    return y if weight is None else y.addmm_(x, weight.t())
-
-
-def lora_B_grad(S, grad_y, lora_B, scaling: float) -> torch.Tensor:
-    """dB [D, r] = scaling * dY^T @ S in lora_B's dtype, computed as (S^T dY)^T: the same product,
-    measured ~1.6x faster with MKL on CPU."""
-    return torch.mm(S.t(), grad_y).t().contiguous().to(lora_B.dtype).mul_(scaling)
+def shrink(x, A, dropout_p: float, seed) -> torch.Tensor:
+    """S [N, r] = dropout(x) @ A^T, x [N, K] and A [r, K] in x's dtype; the mask block by block."""
+    if dropout_p == 0.0:
+        return x @ A.t()
+    S = x.new_empty(x.shape[0], A.shape[0])
+    for rows, _, x_dropped in dropped_blocks(x, dropout_p, seed):
+        torch.mm(x_dropped, A.t(), out=S[rows])
+    return S
 
 
 def lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling: float, dropout_p: float, seed,
@@ -60,34 +51,47 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling: float, dropout_
     """
     grad_y = grad_y.to(x.dtype)
     weight = dense_weight(weight, x.dtype) if need_x else None
-    A = lora_A.to(x.dtype)
-    grad_S = grad_y @ (lora_B * scaling).to(x.dtype) if (need_x or need_A) else None
     grad_B = lora_B_grad(S, grad_y, lora_B, scaling) if need_B else None
-    grad_A = None
-    if dropout_p > 0.0:
-        grad_x = base_input_grad(grad_y, weight, x) if need_x else None
-        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        grad_A_acc = torch.zeros(A.shape, dtype=acc_dtype, device=x.device) if need_A else None
-        if need_x or need_A:
-            for rows, multiplier, x_dropped in dropped_blocks(x, dropout_p, seed):
-                if need_A:
-                    grad_A_acc += (grad_S[rows].t() @ x_dropped).to(acc_dtype)
-                if need_x:
-                    grad_x[rows].addcmul_(grad_S[rows] @ A, multiplier)
+    if not (need_x or need_A):
+        return None, None, grad_B
+    grad_S = shrink_output_grad(grad_y, lora_B, scaling)
+    grad_x, grad_A = shrink_grads(grad_S, x, lora_A.to(x.dtype), dropout_p, seed, [(grad_y, weight)], need_x, need_A)
+    return grad_x, None if grad_A is None else grad_A.to(lora_A.dtype), grad_B
+
+
+def shrink_output_grad(grad_y, lora_B, scaling: float) -> torch.Tensor:
+    """dS [N, r] = scaling * dY @ B in dY's dtype; grad_y [N, D], lora_B [D, r]."""
+    return grad_y @ (lora_B * scaling).to(grad_y.dtype)
+
+
+def shrink_grads(grad_S, x, A, dropout_p: float, seed, base_grads, need_x: bool, need_A: bool):
+    """Back through S = dropout(x) @ A^T and the base GEMMs that read x: grad_S [N, r], x [N, K],
+    A [r, K] in x's dtype; base_grads: (dY [N, D_i], W [D_i, K] | None) per base layer reading x.
+
+    -> (grad_x [N, K] = dropout'(grad_S @ A) + sum_i dY_i @ W_i in x's dtype,
+        grad_A [r, K] = grad_S^T @ dropout(x) in fp32 (fp64 for fp64 x)), each None unless needed.
+    Without dropout the dY_i @ W_i accumulate onto grad_S @ A as the GEMMs' beta=1 accumulation;
+    with dropout the masked grad_S @ A is added block by block onto the base part.
+    """
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if dropout_p == 0.0:
+        grad_A = (grad_S.t() @ x).to(acc_dtype) if need_A else None
+        grad_x = None
+        if need_x:
+            grad_x = grad_S @ A
+            for grad_y, weight in base_grads:
+                add_base_input_grad_(grad_x, grad_y, weight)
+        return grad_x, grad_A
+    grad_x = None
+    if need_x:
+        for grad_y, weight in base_grads:
+            grad_x = base_input_grad(grad_y, weight, x) if grad_x is None else add_base_input_grad_(grad_x, grad_y,
+                                                                                                    weight)
+        grad_x = torch.zeros_like(x) if grad_x is None else grad_x
+    grad_A = torch.zeros(A.shape, dtype=acc_dtype, device=x.device) if need_A else None
+    for rows, multiplier, x_dropped in dropped_blocks(x, dropout_p, seed):
         if need_A:
-            grad_A = grad_A_acc.to(lora_A.dtype)
-    else:
-        if need_A:
-            grad_A = (grad_S.t() @ x).to(lora_A.dtype)
-        grad_x = add_base_input_grad_(grad_S @ A, grad_y, weight) if need_x else None
-    return grad_x, grad_A, grad_B
-
-
-def base_input_grad(grad_y, weight, x) -> torch.Tensor:
-    """dY @ W [N, K] (zeros when weight is None: the layer's own base output carries that part)."""
-    return grad_y @ weight if weight is not None else torch.zeros_like(x)
-
-
-def add_base_input_grad_(grad_x, grad_y, weight) -> torch.Tensor:
-    """grad_x += dY @ W in place (as the GEMM's beta=1 accumulation); unchanged when weight is None."""
-    return grad_x if weight is None else grad_x.addmm_(grad_y, weight)
+            grad_A += (grad_S[rows].t() @ x_dropped).to(acc_dtype)
+        if need_x:
+            grad_x[rows].addcmul_(grad_S[rows] @ A, multiplier)
+    return grad_x, grad_A

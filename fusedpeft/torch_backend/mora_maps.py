@@ -1,4 +1,4 @@
-"""MoRA's compress / decompress maps (SPEC §3) on 2-D tensors, with no padded or reshaped copies.
+"""MoRA's compress / decompress maps (docs/contract.md §3) on 2-D tensors, with no padded or reshaped copies.
 
 Types 1-4 share M through index maps: ``compress`` sums input features into R slots and
 ``decompress_add_`` copies the R slots of M's output onto D outputs; the ``*_transpose``
@@ -65,7 +65,7 @@ def _add_groups_(out: torch.Tensor, h: torch.Tensor, sizes: tuple[int, int], cou
 
 
 def _runs(length: int, r_hat: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Contiguous groups of SPEC §3: (sizes, counts) = ((q + 1, q), (length % R, R - length % R))."""
+    """Contiguous groups of docs/contract.md §3: (sizes, counts) = ((q + 1, q), (length % R, R - length % R))."""
     q, m = divmod(length, r_hat)
     return (q + 1, q), (m, r_hat - m)
 
@@ -178,7 +178,7 @@ def shared_merged_weight(weight: torch.Tensor, M: torch.Tensor, g: MoraGeometry)
 
 @functools.lru_cache(maxsize=64)
 def rope_tables(r_hat: int, n_chunks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cached fp32 cos, sin [n_chunks, R] (SPEC §3); never part of a state_dict."""
+    """Cached fp32 cos, sin [n_chunks, R] (docs/contract.md §3); never part of a state_dict."""
     return mora_rope_tables(r_hat, n_chunks, device)
 
 

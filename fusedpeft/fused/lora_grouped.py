@@ -62,10 +62,10 @@ def lora_group_forward(layers: Sequence[LoRALinear], x: torch.Tensor) -> list[to
     and dX is accumulated in one buffer. x [..., in_features] -> list of [..., out_features_i],
     in x's dtype (the autocast dtype under autocast).
 
-    Dropout: the group draws ONE seed (one draw from torch's default CPU generator, SPEC §5) and
+    Dropout: the group draws ONE seed (one draw from torch's default CPU generator, docs/contract.md §5) and
     every layer sees the same mask of x. Separate calls would draw one seed per layer, so with
     dropout > 0 the results differ from [layer(x) for layer in layers] in which elements are
-    dropped (each layer's mask is still a correct SPEC §5 mask); with dropout 0, or in eval mode,
+    dropped (each layer's mask is still a correct docs/contract.md §5 mask); with dropout 0, or in eval mode,
     the results are those of separate calls.
 
     The layers must all be LoRALinear, unmerged, with the same in_features, dropout, training

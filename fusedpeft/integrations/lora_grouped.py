@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from fusedpeft.fused.lora import LoRALinear
-from fusedpeft.fused.lora_group import check_group, lora_group_forward
+from fusedpeft.fused.lora_grouped import check_group, lora_group_forward
 
 DEFAULT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 _WHERE = "fusedpeft.group_lora_projections"
@@ -134,7 +134,7 @@ def group_lora_projections(model: nn.Module, groups=DEFAULT_GROUPS,
             draws ONE dropout seed, so its members see the same mask of x where separate layers
             draw independent masks (each is still a correct mask; the joint statistics differ).
     Returns the same model. A parent is grouped when all its children named by a group exist, are
-    distinct unmerged LoRALinear layers and pass fusedpeft.fused.lora_group.check_group (same
+    distinct unmerged LoRALinear layers and pass fusedpeft.fused.lora_grouped.check_group (same
     in_features, dropout, mode, weight dtype/device and backend); others are left as they are.
     Outputs and gradients equal the ungrouped model's up to rounding (dropout 0); a member that
     the parent leaves unused in a grouped step gets zero gradients instead of none.

@@ -12,9 +12,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import fusedpeft as fp
-from fusedpeft.fused.lora_group import lora_group_forward
-from fusedpeft.integrations import grouping
-from fusedpeft.integrations.grouping import group_lora_projections, grouped_projections, ungroup_lora_projections
+from fusedpeft.fused.lora_grouped import lora_group_forward
+from fusedpeft.integrations import lora_grouped as grouping
+from fusedpeft.integrations.lora_grouped import group_lora_projections, grouped_projections, ungroup_lora_projections
 
 SIZES = dict(vocab_size=61, hidden_size=32, intermediate_size=44, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)
