@@ -15,10 +15,11 @@ Backward: p = 0: everything (dX, dA, dB and colsum(dY * Y) for dg) by fusedpeft_
           (fusedpeft_C::lora_expand_backward, with g B in place of B; ATen GEMMs on CUDA);
           p > 0: fusedpeft_C::lora_shrink_backward gives dropout'(dS A) with dA = dS^T dropout(x),
           and dropout'((dY * (g - 1)) W), both from the mask regenerated in the kernel; dX adds dY W.
-On CUDA with dropout both directions are the torch path's (fusedpeft.torch_backend.dora: the
-mask a row block at a time, cuBLAS GEMMs): the shrink kernels are built for a rank-r output, and
-V = x' W^T has D outputs (their shared-memory row of r accumulators would not fit).
-An 8-bit base (no base product in the op) takes the torch path's backward.
+On CUDA with dropout both directions are the torch backend's (called through
+fusedpeft.backends.implementation: the mask a row block at a time, cuBLAS GEMMs): the shrink
+kernels are built for a rank-r output, and V = x' W^T has D outputs (their shared-memory row of
+r accumulators would not fit). An 8-bit base (no base product in the op) takes the torch
+backend's backward likewise.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import torch
 
 import fusedpeft._C  # noqa: F401  (registers torch.ops.fusedpeft_C)
+from fusedpeft.backends import implementation
 from fusedpeft.cpp_backend import seed_value
 from fusedpeft.cpp_backend import unavailable_reason as _extension_unavailable
 from fusedpeft.cpp_backend.dequant import dequantize_4bit
@@ -40,8 +42,6 @@ from fusedpeft.host.dora import (
     merged_weight,
 )
 from fusedpeft.host.lora import expand_onto_base
-from fusedpeft.torch_backend.dora import dora_backward as _torch_backward
-from fusedpeft.torch_backend.dora import dora_forward as _torch_forward
 
 _ops = torch.ops.fusedpeft_C
 
@@ -67,7 +67,8 @@ def dora_forward(x, weight, bias, lora_A, lora_B, g, scaling: float, dropout_p: 
         weight = dora_weights(weight, x.dtype, 0.0, dequantize_4bit)[0]  # None for an 8-bit base
         return forward_no_dropout(x, weight, bias, lora_A, lora_B, g, scaling)
     if x.device.type != "cpu":  # see the module docstring
-        return _torch_forward(x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed)
+        return implementation("dora", "torch").dora_forward(x, weight, bias, lora_A, lora_B, g, scaling, dropout_p,
+                                                            seed)
     weight, v_weight = dora_weights(weight, x.dtype, dropout_p, dequantize_4bit)
     seed_int = seed_value(seed, dropout_p)
     S = _ops.lora_shrink(x, lora_A, dropout_p, seed_int)
@@ -90,8 +91,8 @@ def dora_backward(grad_y, x, weight, bias, lora_A, lora_B, g, saved, S, scaling:
 
     saved: the output Y [N, D] when dropout_p == 0, V = x' W^T [N, D] otherwise."""
     if (not isinstance(weight, torch.Tensor) and weight.kind == "8bit") or (dropout_p > 0.0 and x.device.type != "cpu"):
-        return _torch_backward(grad_y, x, weight, bias, lora_A, lora_B, g, saved, S, scaling, dropout_p, seed,
-                               need_x, need_A, need_B, need_g)
+        return implementation("dora", "torch").dora_backward(grad_y, x, weight, bias, lora_A, lora_B, g, saved, S,
+                                                             scaling, dropout_p, seed, need_x, need_A, need_B, need_g)
     dy = grad_y.to(x.dtype)
     need_S = need_x or need_A
     dense = weight
