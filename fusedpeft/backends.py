@@ -42,6 +42,7 @@ IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("mora", "torch"): "fusedpeft.torch_backend.mora",
     ("cross_entropy", "torch"): "fusedpeft.torch_backend.cross_entropy",
     ("dora", "triton"): "fusedpeft.kernels.dora",
+    ("dora", "cuda"): "fusedpeft.cpp_backend.dora",
     ("dora", "cpu"): "fusedpeft.cpp_backend.dora",
     ("dora", "torch"): "fusedpeft.torch_backend.dora",
 }

@@ -215,6 +215,50 @@ def nested_absmax(q: QuantizedWeight) -> tuple[torch.Tensor | None, torch.Tensor
     return state.state2.code, state.state2.absmax, int(state.state2.blocksize), float(state.offset)
 
 
+def row_blocks(weight, dtype: torch.dtype, max_elements: int = 1 << 20):
+    """Yields (rows, W[rows]) for consecutive row slices of a base weight [out, in], each block
+    [len(rows), in] in ``dtype`` and of about ``max_elements`` elements, so that no full-size copy
+    of W in ``dtype`` ever exists. ``weight`` is a tensor or a QuantizedWeight: a 4-bit block is
+    bitsandbytes' own dequantization (in quant_state.dtype, then cast; whole rows of whole
+    quantization blocks, so each equals the same rows of the whole dequantized W bit for bit); an
+    8-bit block is int8 rows times their scales, in fp32 (bitsandbytes' int8_vectorwise_dequant,
+    what PEFT's DoRA norm reads), then cast."""
+    out_features, in_features = weight.shape
+    step = 1
+    if isinstance(weight, QuantizedWeight) and weight.kind == "4bit":
+        state = weight.quant_state
+        # whole rows of whole blocks; when blocks span rows, one block of all rows (bitsandbytes' CPU
+        # kernels for 16-bit output give other values for a part of such a weight than for the whole)
+        step = 1 if in_features % int(state.blocksize) == 0 else out_features
+        absmax = state.absmax
+        if state.nested:  # as bitsandbytes.functional.dequantize_4bit decodes them
+            from bitsandbytes.functional import dequantize_blockwise
+
+            absmax = dequantize_blockwise(state.absmax, state.state2)
+            absmax += state.offset
+        absmax = absmax.float()
+        packed = weight.packed
+    elif isinstance(weight, QuantizedWeight):
+        module = weight.module
+        scales = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
+    step *= max(1, max_elements // max(1, step * in_features))
+    for start in range(0, out_features, step):
+        rows = slice(start, min(start + step, out_features))
+        if isinstance(weight, torch.Tensor):
+            block = weight[rows].detach()
+        elif weight.kind == "4bit":
+            first, count = start * in_features, (rows.stop - start) * in_features
+            block = torch.ops.bitsandbytes.dequantize_4bit.default(
+                packed[first // 2: (first + count + 1) // 2],
+                absmax[first // int(state.blocksize): -(-(first + count) // int(state.blocksize))],
+                int(state.blocksize), state.quant_type, (rows.stop - start, in_features), state.dtype)
+        else:
+            from bitsandbytes.functional import int8_vectorwise_dequant
+
+            block = int8_vectorwise_dequant(module.weight.data[rows], scales[rows])
+        yield rows, block.to(dtype)
+
+
 # ----------------------------------------------------------------------------- merging
 
 

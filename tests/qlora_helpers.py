@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -34,3 +35,14 @@ def dequantized(layer) -> torch.Tensor:
     from bitsandbytes.functional import dequantize_4bit
 
     return dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(layer.compute_dtype)
+
+
+class Tiny(nn.Module):
+    """Two adapted projections of one input: q_proj's output plus v_proj's summed over features."""
+
+    def __init__(self, q_proj, v_proj):
+        super().__init__()
+        self.q_proj, self.v_proj = q_proj, v_proj
+
+    def forward(self, x):
+        return self.q_proj(x) + self.v_proj(x).sum(-1, keepdim=True)

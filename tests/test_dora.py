@@ -20,6 +20,7 @@ import fusedpeft as fp
 from fusedpeft import reference as ref
 from fusedpeft.fused.lora_grouped import check_group
 from fusedpeft.ops.dora import dora_linear_backward_op, dora_linear_op, weight_norm
+from dora_helpers import check_output_and_grads, fused_params
 from helpers import runnable
 
 BACKENDS = [b for b in runnable("dora") if b != "triton"]
@@ -65,13 +66,6 @@ def _close(actual, expected, dtype):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale)
 
 
-def _params(fused):
-    return fused.lora_A.weight, fused.lora_B.weight, fused.lora_magnitude_vector
-
-
-def _peft_params(layer):
-    return (layer.lora_A["default"].weight, layer.lora_B["default"].weight,
-            layer.lora_magnitude_vector["default"].weight)
 
 
 SHAPES = [(33, 65, 7, 4), (64, 17, 9, 8), (5, 3, 1, 2)]  # (in, out, tokens, r)
@@ -89,13 +83,7 @@ def test_matches_peft(backend, dtype, in_f, out_f, tokens, r, bias, three_d):
     x_p, x_f = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     y_p, y_f = pm(x_p), fused(x_f)
     assert y_f.shape == y_p.shape and y_f.dtype == dtype
-    _close(y_f, y_p, dtype)
-    g = torch.randn_like(y_p)
-    y_p.backward(g)
-    y_f.backward(g)
-    _close(x_f.grad, x_p.grad, dtype)
-    for mine, theirs in zip(_params(fused), _peft_params(layer)):
-        _close(mine.grad, theirs.grad, dtype)
+    check_output_and_grads(y_f, y_p, x_f, x_p, fused, layer, lambda a, e: _close(a, e, dtype))
     assert fused.base_layer.weight.grad is None
 
 
@@ -118,13 +106,7 @@ def test_dropout_matches_peft_formula_with_our_mask(backend, dtype, bias):
     y_p = layer.base_layer(x_p) + layer.lora_magnitude_vector["default"](
         x_dropped, lora_A=layer.lora_A["default"], lora_B=layer.lora_B["default"], scaling=layer.scaling["default"],
         base_layer=layer.base_layer, base_result=None)
-    _close(y_f, y_p, dtype)
-    g = torch.randn_like(y_p)
-    y_p.backward(g)
-    y_f.backward(g)
-    _close(x_f.grad, x_p.grad, dtype)
-    for mine, theirs in zip(_params(fused), _peft_params(layer)):
-        _close(mine.grad, theirs.grad, dtype)
+    check_output_and_grads(y_f, y_p, x_f, x_p, fused, layer, lambda a, e: _close(a, e, dtype))
     fused.eval()
     _close(fused(x), pm.eval()(x), dtype)  # eval: dropout off, the base output reused
 
@@ -175,7 +157,7 @@ def test_half_precision_within_dtype_tolerance(backend, dtype):
     x = torch.randn(3, 9, 48, dtype=dtype, requires_grad=True)
     y = layer(x)
     args = [layer.base_layer.weight, layer.base_layer.bias, *(t.detach().double().requires_grad_() for t in
-                                                                _params(layer))]
+                                                                fused_params(layer))]
     x64 = x.detach().double().requires_grad_()
     y64 = ref.dora_linear(x64, args[0].double(), args[1].double(), args[2], args[3], args[4], layer.scaling)
     assert y.dtype == dtype
@@ -184,7 +166,7 @@ def test_half_precision_within_dtype_tolerance(backend, dtype):
     y.backward(g.to(dtype))
     y64.backward(g)
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=3e-2, atol=3e-2)
-    for mine, want in zip(_params(layer), args[2:]):
+    for mine, want in zip(fused_params(layer), args[2:]):
         scale = want.grad.abs().max().item()
         assert (mine.grad.double() - want.grad).abs().max().item() <= 3e-2 * scale
 
@@ -206,6 +188,27 @@ def test_zero_magnitude_rows_get_the_right_gradient():
     assert layer.lora_magnitude_vector.grad[2].abs() > 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_merged_form_matches_peft(backend, dtype, bias):
+    """fp32 / fp64 with enough rows: y = x W''^T + bias and dX = dY W'', W'' = g (W + s B A)
+    (torch_backend/dora.py); a zero magnitude row included."""
+    in_f, out_f, r, alpha = 40, 23, 4, 9.0
+    pm, layer = _peft_dora(in_f, out_f, r, alpha, bias, dtype)
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight[3] = 0.0
+    fused = _fused_from(layer, r, alpha, backend)
+    x = torch.randn(2, 40, in_f, dtype=dtype)
+    from fusedpeft.host.dora import merged_strategy
+
+    assert merged_strategy(x.reshape(-1, in_f), fused.base_layer.weight, 0.0)
+    x_p, x_f = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y_p, y_f = pm(x_p), fused(x_f)
+    check_output_and_grads(y_f, y_p, x_f, x_p, fused, layer, lambda a, e: _close(a, e, dtype))
+    assert fused.lora_magnitude_vector.grad[3].abs() > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_merge_unmerge_and_merge_adapters_match_peft(dtype):
     r, alpha = 4, 9.0
@@ -214,7 +217,7 @@ def test_merge_unmerge_and_merge_adapters_match_peft(dtype):
     w0 = fused.base_layer.weight.detach().clone()
     x = torch.randn(5, 33, dtype=dtype)
     y = fused(x)
-    expected_w = ref.dora_merged_weight(w0, *_params(fused), fused.scaling).to(dtype)
+    expected_w = ref.dora_merged_weight(w0, *fused_params(fused), fused.scaling).to(dtype)
     _close(w0 + fused.delta_weight(), expected_w, dtype)
     fused.merge()
     assert fused.merged
@@ -247,10 +250,10 @@ def test_weight_norm_cache_follows_the_base_weight():
     y = layer(x)
     assert layer._dora_cache.value is not cached
     w = layer.base_layer
-    torch.testing.assert_close(y, ref.dora_linear(x, w.weight, w.bias, *_params(layer), layer.scaling))
+    torch.testing.assert_close(y, ref.dora_linear(x, w.weight, w.bias, *fused_params(layer), layer.scaling))
     layer.base_layer.load_state_dict({"weight": torch.randn(12, 16), "bias": torch.zeros(12)})
     y = layer(x)
-    torch.testing.assert_close(y, ref.dora_linear(x, w.weight, w.bias, *_params(layer), layer.scaling))
+    torch.testing.assert_close(y, ref.dora_linear(x, w.weight, w.bias, *fused_params(layer), layer.scaling))
 
 
 def test_bad_input():
@@ -271,9 +274,11 @@ def test_bad_input():
     layer = fp.LoRALinear(nn.Linear(4, 4), r=2, use_dora=True)
     with pytest.raises(ValueError, match="DoRA"):
         check_group([layer, fp.LoRALinear(nn.Linear(4, 4), r=2)])
-    bnb = pytest.importorskip("bitsandbytes")
-    with pytest.raises(TypeError, match=r"use_dora=True on a quantized base \(Linear8bitLt\)"):
-        fp.LoRALinear(bnb.nn.Linear8bitLt(8, 4, has_fp16_weights=False), r=2, use_dora=True)
+    bnb = pytest.importorskip("bitsandbytes")  # quantized bases take DoRA (tests/test_dora_qlora.py)
+    eight_bit = fp.LoRALinear(bnb.nn.Linear8bitLt(8, 4, has_fp16_weights=False).to("cpu"), r=2, use_dora=True)
+    assert eight_bit.lora_magnitude_vector.shape == (4,)
+    with pytest.raises(ValueError, match="never quantized"):  # a 4-bit layer never moved to a device
+        fp.LoRALinear(bnb.nn.Linear4bit(8, 4), r=2, use_dora=True)
 
 
 def test_apply_lora_use_dora():

@@ -66,3 +66,43 @@ def test_dora_llama_shapes(backend, k, d, r, dropout):
     yardstick = grads(eager, (x_lp, A_lp, B_lp, m_lp), gy.to(DTYPE))
     for name, got, expected, baseline in zip(("grad x", "grad A", "grad B", "grad m"), ours, want, yardstick):
         assert_within(got, expected, baseline, ATOL, name)
+
+
+def _needs_the_cuda_kernel():
+    if DEVICE != "cuda":
+        pytest.skip("the cuda backend's own kernel (not part of the CPU dry run)")
+
+
+def test_cuda_backend_runs_dora():
+    _needs_the_cuda_kernel()
+    from fusedpeft.backends import unavailable_reason
+
+    assert unavailable_reason("cuda", "dora", torch.device("cuda")) is None
+    assert "cuda" in _backends()  # so test_dora_llama_shapes covers it
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("need", [(True, True, True, True), (False, True, False, True), (True, False, True, False),
+                                  (False, False, False, True), (True, True, False, False)])
+@pytest.mark.parametrize("rows", [0, 1, 333])
+def test_cuda_dora_backward_p0_matches_the_cpu_kernel(dtype, tol, need, rows):
+    """csrc/cuda/dora_ops.cpp against csrc/cpu/dora.cpp (the same op) at odd shapes, every output
+    flag combination; the cuda one computes dS in the input dtype, the cpu one in fp32."""
+    _needs_the_cuda_kernel()
+    D, K, r = 257, 130, 5
+    gen = torch.Generator().manual_seed(rows)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def rand(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dt)
+
+    args = [rand(rows, D), rand(rows, D), rand(rows, K), rand(D, K), rand(rows, r), rand(r, K, dt=acc),
+            rand(D, r, dt=acc), rand(D, dt=acc)]
+    args[-1][::7] = 0.0  # zero magnitudes
+    cpu = torch.ops.fusedpeft_C.dora_backward_p0(*args, 0.75, *need)
+    gpu = torch.ops.fusedpeft_C.dora_backward_p0(*(t.cuda() for t in args), 0.75, *need)
+    for name, want, got, needed in zip(("grad_x", "grad_A", "grad_B", "colsum"), cpu, gpu, need):
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        if needed:
+            scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+            torch.testing.assert_close(got.cpu().double(), want.double(), rtol=tol, atol=tol * scale, msg=name)

@@ -5,21 +5,11 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import fusedpeft as fp
-from qlora_helpers import linear4bit, linear8bit
+from qlora_helpers import Tiny, linear4bit, linear8bit
 
 peft = pytest.importorskip("peft")
-
-
-class Tiny(nn.Module):
-    def __init__(self, q_proj, v_proj):
-        super().__init__()
-        self.q_proj, self.v_proj = q_proj, v_proj
-
-    def forward(self, x):
-        return self.q_proj(x) + self.v_proj(x).sum(-1, keepdim=True)
 
 
 def peft_qlora(dtype, quant_type="nf4", double_quant=True, eight_bit=False):

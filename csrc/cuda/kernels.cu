@@ -22,6 +22,7 @@
 
 #include "../philox.h"
 #include "kernels.h"
+#include "traits.cuh"
 
 namespace fusedpeft::cuda {
 namespace {
@@ -30,31 +31,6 @@ constexpr int kThreads = 256;
 constexpr int kTile = 1024;
 constexpr int kRanksPerPass = 16;
 constexpr int kRowsPerChunk = 64;
-
-template <typename T>
-struct Traits {
-  using acc = float;
-  __device__ static float load(T v) { return static_cast<float>(v); }
-  __device__ static T store(float v) { return static_cast<T>(v); }
-};
-template <>
-struct Traits<double> {
-  using acc = double;
-  __device__ static double load(double v) { return v; }
-  __device__ static double store(double v) { return v; }
-};
-template <>
-struct Traits<__half> {
-  using acc = float;
-  __device__ static float load(__half v) { return __half2float(v); }
-  __device__ static __half store(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Traits<__nv_bfloat16> {
-  using acc = float;
-  __device__ static float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
 
 __device__ __forceinline__ float dexp(float v) { return __expf(v); }
 __device__ __forceinline__ double dexp(double v) { return exp(v); }

@@ -42,10 +42,31 @@ def philox4x32_words(k0, k1, ctr: tuple, rounds: int = 10) -> tuple[torch.Tensor
     return c0, c1, c2, c3
 
 
+def philox_first_word(k0, k1, counter: torch.Tensor, rounds: int = 10) -> torch.Tensor:
+    """First output word of Philox4x32 with key (k0, k1) and counter (counter, 0, 0, 0):
+    philox4x32_words(k0, k1, (counter, 0, 0, 0))[0] with fewer tensor operations (what the
+    torch backend's compiled mask evaluates).
+
+    counter: int64 tensor of uint32 values; k0, k1: uint32 values (ints or 0-dim int64 tensors).
+    The low words (c1, c3) are kept as the unmasked 64-bit products: they are only ever XORed
+    into a word that is masked afterwards, so their upper bits never reach a result. Round 1
+    multiplies zeros and round 2 a key (scalars), and the last round needs only word 0.
+    """
+    c0, c1, c2, c3 = counter, 0, 0, 0
+    for i in range(rounds):
+        product_b = c2 * _PHILOX_ROUND_B
+        if i == rounds - 1:
+            return ((product_b >> 32) ^ c1 ^ k0) & MASK32
+        product_a = c0 * _PHILOX_ROUND_A
+        c0, c1 = ((product_b >> 32) ^ c1 ^ k0) & MASK32, product_b
+        c2, c3 = ((product_a >> 32) ^ c3 ^ k1) & MASK32, product_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & MASK32, (k1 + _PHILOX_KEY_B) & MASK32
+    return c0
+
+
 def uniform_from_word(word: torch.Tensor) -> torch.Tensor:
     """tl.rand's float32 in [0, 1) from Philox's first output word (uint32 values in int64), same shape."""
-    as_int32 = torch.where(word >= 2**31, word - 2**32, word)  # reinterpret the bits as int32
-    folded = torch.where(as_int32 < 0, -as_int32 - 1, as_int32)
+    folded = torch.where(word >= 2**31, MASK32 - word, word)  # the word read as int32, negatives x -> -x - 1
     return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=word.device)
 
 
@@ -53,7 +74,7 @@ def keep_mask(k0, k1, offsets: torch.Tensor, p) -> torch.Tensor:
     """Bool, offsets' shape: True where dropout with probability p (float or 0-dim float32 tensor)
     keeps the element whose Philox counter is ``offsets`` (int64 tensor, taken modulo 2**32); the
     key (k0, k1) is the 64-bit seed's low and high 32-bit words (ints or 0-dim int64 tensors)."""
-    return uniform_from_word(philox4x32_words(k0, k1, (offsets & MASK32, 0, 0, 0))[0]) >= p
+    return uniform_from_word(philox_first_word(k0, k1, offsets & MASK32)) >= p
 
 
 def new_dropout_seed() -> torch.Tensor:

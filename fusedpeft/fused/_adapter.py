@@ -81,13 +81,11 @@ class AdapterLinear(nn.Module):
         seed = new_dropout_seed() if p > 0.0 else None
         if q is None:
             return self.adapted_forward(x, base.weight, base.bias, p, seed)
-        # as bitsandbytes does: x in the compute dtype, the output back in x's dtype
-        bias = None if base.bias is None or q.kind == "8bit" else base.bias.to(q.dtype)
-        y = self.adapted_forward(x.to(q.dtype), q, bias, p, seed)
         if q.kind == "8bit":  # the base product is bitsandbytes' own layer output
-            base_out = base(x)
-            return base_out + y.to(base_out.dtype)
-        return y.to(x.dtype)
+            return self.adapted_forward_8bit(x, q, p, seed)
+        # as bitsandbytes does: x in the compute dtype, the output back in x's dtype
+        bias = None if base.bias is None else base.bias.to(q.dtype)
+        return self.adapted_forward(x.to(q.dtype), q, bias, p, seed).to(x.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if self.merged:
@@ -102,6 +100,12 @@ class AdapterLinear(nn.Module):
         """x [..., in] in the compute dtype -> [..., out]; weight is the base weight [out, in] or a
         fusedpeft.quantized.QuantizedWeight."""
         raise NotImplementedError  # pragma: no cover - every subclass defines it
+
+    def adapted_forward_8bit(self, x: torch.Tensor, q, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
+        """An 8-bit base: bitsandbytes' own output base(x) plus the adapter path (x in q's compute dtype)."""
+        y = self.adapted_forward(x.to(q.dtype), q, None, dropout_p, seed)
+        base_out = self.base_layer(x)
+        return base_out + y.to(base_out.dtype)
 
     def backend_repr(self, family: str) -> str:
         """The backend asked for and the one that runs on the base weight's device, e.g. "auto->cpu"."""

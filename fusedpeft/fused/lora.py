@@ -92,11 +92,18 @@ class LoRALinear(AdapterLinear):
 
     def adapted_forward(self, x: torch.Tensor, weight, bias: torch.Tensor | None, dropout_p: float,
                         seed: torch.Tensor | None) -> torch.Tensor:
-        if self.use_dora:  # DoRA takes plain nn.Linear bases only (check_dora_base): weight is a tensor
+        if self.use_dora:
             return dora_linear(x, weight, bias, self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector,
                                self.scaling, dropout_p, seed, self.backend, self._dora_cache.get(weight))
         return lora_linear(x, weight, bias, self.lora_A.weight, self.lora_B.weight, self.scaling, dropout_p, seed,
                            self.backend)
+
+    def adapted_forward_8bit(self, x: torch.Tensor, q, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
+        if not self.use_dora:
+            return super().adapted_forward_8bit(x, q, dropout_p, seed)
+        return dora_linear(x.to(q.dtype), q, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight,
+                           self.lora_magnitude_vector, self.scaling, dropout_p, seed, self.backend,
+                           self._dora_cache.get(q), base_output=self.base_layer(x))
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling * B @ A [out, in] (DoRA: (m/n) (W + scaling B @ A) - W), computed in fp32,

@@ -9,6 +9,8 @@ import torch
 
 from fusedpeft.core.dtypes import accumulation_dtype
 from fusedpeft.host.lora import expand_onto_base
+from fusedpeft.quantized import dense_weight
+from fusedpeft.quantized import row_blocks as weight_row_blocks
 
 
 # Rows of an [*, F] operand per block of the row-blocked passes: ~4 MiB of fp32 per temporary.
@@ -28,25 +30,25 @@ def row_blocks(n_rows: int, n_cols: int):
 
 
 def weight_sq_norm(weight: torch.Tensor) -> torch.Tensor:
-    """||W_i||^2 [D] in fp32 (fp64 for fp64 W); 16-bit W is upcast a row block at a time."""
+    """||W_i||^2 [D] in fp32 (fp64 for fp64 W); 16-bit W is upcast, a quantized one
+    (fusedpeft.quantized.QuantizedWeight) dequantized, a row block at a time."""
     acc = accumulation_dtype(weight.dtype)
-    w = weight.detach()
-    if w.dtype == acc:
-        return torch.linalg.vector_norm(w, dim=1).square()
-    out = torch.empty(w.shape[0], dtype=acc, device=w.device)
-    for rows in row_blocks(*w.shape):
-        out[rows] = torch.linalg.vector_norm(w[rows].to(acc), dim=1).square()
+    if isinstance(weight, torch.Tensor) and weight.dtype == acc:
+        return torch.linalg.vector_norm(weight.detach(), dim=1).square()
+    out = torch.empty(weight.shape[0], dtype=acc, device=weight.device)
+    for rows, w in weight_row_blocks(weight, acc, BLOCK_ELEMENTS):
+        out[rows] = torch.linalg.vector_norm(w, dim=1).square()
     return out
 
 
 def _weight_times_At(weight: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """W A^T [D, r] in A's dtype (the accumulation dtype); 16-bit W upcast a row block at a time."""
-    w = weight.detach()
-    if w.dtype == A.dtype:
-        return w @ A.t()
-    out = torch.empty(w.shape[0], A.shape[0], dtype=A.dtype, device=w.device)
-    for rows in row_blocks(*w.shape):
-        torch.mm(w[rows].to(A.dtype), A.t(), out=out[rows])
+    """W A^T [D, r] in A's dtype (the accumulation dtype); 16-bit W upcast, a quantized one
+    dequantized, a row block at a time."""
+    if isinstance(weight, torch.Tensor) and weight.dtype == A.dtype:
+        return weight.detach() @ A.t()
+    out = torch.empty(weight.shape[0], A.shape[0], dtype=A.dtype, device=weight.device)
+    for rows, w in weight_row_blocks(weight, A.dtype, BLOCK_ELEMENTS):
+        torch.mm(w, A.t(), out=out[rows])
     return out
 
 
@@ -74,6 +76,45 @@ def weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
 # ------------------------------------------------------------------------------------------------
 
 
+def dora_weights(weight, dtype: torch.dtype, dropout_p: float, dequantize_4bit=None):
+    """(W for the base product, W for V = x' W^T), each [D, K] in ``dtype`` or None.
+
+    A dense or 4-bit weight is both (a 4-bit one dequantized once, by ``dequantize_4bit`` when
+    given, else by bitsandbytes: fusedpeft.quantized.dense_weight). An 8-bit one has no base
+    product here (None: fusedpeft.ops.dora scales bitsandbytes' own output); with dropout V
+    reads its int8 rows times their scales (what PEFT's DoRA multiplies x' by), else None."""
+    if isinstance(weight, torch.Tensor) or weight.kind != "8bit":
+        w = dense_weight(weight, dtype, dequantize_4bit)
+        return w, w
+    if dropout_p == 0.0:
+        return None, None
+    v = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    for rows, block in weight_row_blocks(weight, dtype):
+        v[rows] = block
+    return None, v
+
+
+MERGED_MIN_ROWS = 64
+
+
+def merged_strategy(x: torch.Tensor, weight, dropout_p: float) -> bool:
+    """Whether the "merged" form applies (weight: the dense W or None): dropout off, fp32 / fp64, a
+    dense W and N >= max(64, K / 2) rows. y = x W''^T + bias and dX = dY W'' with W'' = g (W + s B A)
+    [D, K] (built in forward, rebuilt in backward, never saved), so y and dX cost exactly the base
+    GEMMs: no [N, D] rank-r product, no pass over y, no dY * g. In 16-bit W'' would round s B A
+    away (as MoRA's merged strategy, torch_backend/mora.py)."""
+    return (dropout_p == 0.0 and isinstance(weight, torch.Tensor) and x.dtype in (torch.float32, torch.float64)
+            and x.shape[0] >= max(MERGED_MIN_ROWS, weight.shape[1] // 2))
+
+
+def merged_weight(weight: torch.Tensor, lora_A, lora_B, g, scaling: float) -> torch.Tensor:
+    """W'' = g W + (s g B) A [D, K] in W's dtype (fp32 / fp64), a fresh buffer: one row-scale pass
+    over W, then the rank-r product accumulated in place."""
+    dt = weight.dtype
+    gd = g.to(dt)
+    return torch.mul(weight, gd[:, None]).addmm_(lora_B.to(dt) * (scaling * gd)[:, None], lora_A.to(dt))
+
+
 def scale_output_(y: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = g * y + bias in place (one pass). y [N, D], g [D], bias [D] | None."""
     if bias is None:
@@ -84,25 +125,42 @@ def scale_output_(y: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None) -
 def forward_no_dropout(x, weight, bias, lora_A, lora_B, g, scaling: float):
     """dora_forward at p = 0: (y = g * (x W^T + s S B^T) + bias [N, D], S = x A^T [N, r], an empty
     [0] for V), in x's dtype: LoRA's expand_onto_base gives u in y's buffer, one in-place pass
-    scales it by g and adds the bias."""
+    scales it by g and adds the bias; or the merged form (merged_strategy). weight: a dense W, or
+    None for an 8-bit base (no base product)."""
     S = x @ lora_A.to(x.dtype).t()
+    if merged_strategy(x, weight, 0.0):
+        return torch.nn.functional.linear(x, merged_weight(weight, lora_A, lora_B, g, scaling), bias), S, x.new_empty(0)
     y = expand_onto_base(S, x, weight, None, lora_B, scaling)
     return scale_output_(y, g, bias), S, x.new_empty(0)
 
 
 def colsum_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_t a_tj b_tj [D] in the accumulation dtype, a row block at a time. a, b [N, D]."""
+    """sum_t a_tj b_tj [D] in the accumulation dtype, a row block at a time. a, b [N, D].
+
+    fp32 / fp64: blocks of ~256K elements (cache-sized) through one reused scratch block (a
+    fresh multi-MiB temporary per block costs its page faults, measured 4x the arithmetic)."""
     acc = accumulation_dtype(a.dtype)
     out = torch.zeros(a.shape[1], dtype=acc, device=a.device)
+    if a.dtype == acc and b.dtype == acc and a.shape[0] > 0:
+        step = max(1, (BLOCK_ELEMENTS // 4) // max(1, a.shape[1]))
+        scratch = a.new_empty(min(step, a.shape[0]), a.shape[1])
+        for start in range(0, a.shape[0], step):
+            stop = min(start + step, a.shape[0])
+            out += torch.mul(a[start:stop], b[start:stop], out=scratch[: stop - start]).sum(0)
+        return out
     for rows in row_blocks(*a.shape):
         out += (a[rows].to(acc) * b[rows].to(acc)).sum(0)
     return out
 
 
 def _unscaled_columns(x, weight, lora_B, S, scaling: float, cols: torch.Tensor) -> torch.Tensor:
-    """u[:, cols] = x W[cols]^T + s S B[cols]^T [N, len(cols)] in the accumulation dtype."""
+    """u[:, cols] = x W[cols]^T + s S B[cols]^T [N, len(cols)] in the accumulation dtype (no x W^T
+    term when weight is None: an 8-bit base, whose product is outside the op)."""
     acc = accumulation_dtype(x.dtype)
-    return (x.to(acc) @ weight[cols].to(acc).t()).addmm_(S.to(acc), lora_B[cols].to(acc).t(), alpha=scaling)
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        weight = dora_weights(weight, x.dtype, 0.0)[0]
+    u = (S.to(acc) @ lora_B[cols].to(acc).t()).mul_(scaling)
+    return u if weight is None else u.addmm_(x.to(acc), weight[cols].to(acc).t())
 
 
 def expand_grads(dy, S, lora_B, g, scaling: float, need_S: bool, need_sdyS: bool):

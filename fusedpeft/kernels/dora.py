@@ -20,6 +20,7 @@ import torch
 import triton
 
 from fusedpeft.core.dtypes import accumulation_dtype
+from fusedpeft.host.dora import magnitude_grad_from_sums
 from fusedpeft.kernels._common import (
     arch_class,
     dot_precision,
@@ -32,6 +33,7 @@ from fusedpeft.kernels.lora import (
     GROUP_M,
     INTERPRETER_GEMM_CONFIG,
     _check,
+    _dense,
     _dropout_args,
     _tuned,
     da,
@@ -40,7 +42,6 @@ from fusedpeft.kernels.lora import (
     gemm_rank_block,
     shrink,
 )
-from fusedpeft.host.dora import magnitude_grad_from_sums
 
 # GEMM tiles of the dropout variants (two [BLOCK_M, BLOCK_N] accumulators): (BLOCK_M, BLOCK_N,
 # BLOCK_K, num_warps, num_stages) per (arch class, element bytes); without dropout the LoRA
@@ -120,6 +121,16 @@ def dx_gemm(dy, weight, g, dS, A, dropout_p: float, seed, x=None, dA=None) -> to
     return dx
 
 
+def _dense_weight(weight, x: torch.Tensor) -> torch.Tensor:
+    """The base weight the GEMMs read: a 4-bit one dequantized (kernels/dequant.py) into a fresh
+    buffer. An 8-bit base's product is bitsandbytes' own output, which the fused epilogue cannot scale."""
+    dense = _dense(weight, x)
+    if dense is None:
+        raise TypeError("triton dora: an 8-bit (bitsandbytes Linear8bitLt) base is not supported by the Triton DoRA "
+                        "kernels, which scale the base product in the GEMM epilogue; use backend='torch' or 'cpu'")
+    return dense
+
+
 def colsum_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum_t a_tj b_tj [D] in fp32 (fp64 for fp64): a, b [N, D] with unit column stride."""
     N, D = a.shape
@@ -143,6 +154,7 @@ def colsum_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def dora_forward(x, weight, bias, lora_A, lora_B, g, scaling: float, dropout_p: float, seed):
     """x [N, K], weight [D, K], bias [D] | None, lora_A [r, K], lora_B [D, r], g [D] ->
     (y [N, D], S [N, r], V [N, D] when dropout_p > 0 else an empty [0]), all in x's dtype."""
+    weight = _dense_weight(weight, x)
     _check(x, (weight,), (lora_A,), (lora_B,))
     xl = for_launch(x).contiguous()
     S = shrink(xl, for_launch(lora_A), dropout_p, seed)
@@ -156,7 +168,8 @@ def dora_backward(grad_y, x, weight, bias, lora_A, lora_B, g, saved, S, scaling:
     """grad_y [N, D] -> (grad_x [N, K] | None, grad_A [r, K] | None, grad_B [D, r] | None, grad_g [D] | None).
 
     saved: the output Y [N, D] when dropout_p == 0, V = x' W^T [N, D] otherwise."""
-    _check(x, (weight,), (lora_A,), (lora_B,))
+    weight = _dense_weight(weight, x) if need_x or isinstance(weight, torch.Tensor) else weight
+    _check(x, (weight if isinstance(weight, torch.Tensor) else None,), (lora_A,), (lora_B,))
     xl = for_launch(x).contiguous()
     dy = for_launch(grad_y.to(x.dtype)).contiguous()
     Sl = for_launch(S.to(x.dtype))
@@ -173,7 +186,8 @@ def dora_backward(grad_y, x, weight, bias, lora_A, lora_B, g, saved, S, scaling:
         else:
             if bias is not None:
                 num -= bias.to(num.dtype) * dy.sum(0, dtype=num.dtype)
-            grad_g = magnitude_grad_from_sums(num, dy, xl, for_launch(weight), lora_B, g, Sl, scaling).to(g.dtype)
+            w = for_launch(weight) if isinstance(weight, torch.Tensor) else weight
+            grad_g = magnitude_grad_from_sums(num, dy, xl, w, lora_B, g, Sl, scaling).to(g.dtype)
     grad_x = dA = None
     if need_x:
         dA = torch.zeros(lora_A.shape, dtype=accumulation_dtype(xl.dtype), device=x.device) if need_A else None

@@ -28,6 +28,8 @@ from fusedpeft.ops._common import (
     rows_as,
     run,
     run_backward,
+    save_weight,
+    saved_weight,
 )
 from fusedpeft.host.dora import weight_norm, weight_sq_norm
 
@@ -83,7 +85,7 @@ def _(grad_y, x, weight, bias, lora_A, lora_B, g, saved, S, scaling, dropout_p, 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed, backend = inputs
     y, S, V = output
-    ctx.save_for_backward(x, weight, bias, lora_A, lora_B, g, V if dropout_p > 0.0 else y, S, seed)
+    ctx.save_for_backward(x, save_weight(ctx, weight), bias, lora_A, lora_B, g, V if dropout_p > 0.0 else y, S, seed)
     ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
     ctx.mark_non_differentiable(S, V)
     ctx.set_materialize_grads(False)
@@ -91,6 +93,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, grad_S, grad_V):
     x, weight, bias, lora_A, lora_B, g, saved, S, seed = ctx.saved_tensors
+    weight = saved_weight(ctx, weight)
     if grad_y is None:
         return (None,) * 10
     need_x, _, _, need_A, need_B, need_g = ctx.needs_input_grad[:6]
@@ -106,18 +109,31 @@ _DoRALinearEager = eager_twin(_dora_linear, _setup_context, _backward)
 
 def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
                 scaling: float, dropout_p: float = 0.0, seed: Tensor | None = None, backend: str | None = None,
-                weight_sq: Tensor | None = None) -> Tensor:
+                weight_sq: Tensor | None = None, base_output: Tensor | None = None) -> Tensor:
     """x [..., K] -> [..., D]; magnitude [D] (the learned m). Inputs are assumed validated.
 
     n is computed from the base weight as given (before any autocast cast), from ``weight_sq``
     = ||W_i||^2 [D] when the caller caches it, in fp32 (fp64 for fp64 W); g = magnitude / n in
     the magnitude's dtype. Under torch.autocast x, weight and bias are cast as nn.Linear's would
     be. seed: 0-dim int64 CPU tensor, required when dropout_p > 0.
+
+    weight may be a fusedpeft.quantized.QuantizedWeight (docs/contract.md §7): n then reads the
+    dequantized W a row block at a time. An 8-bit base's product is bitsandbytes' own output
+    ``base_output`` = base(x) [..., D] (bias included; ``bias`` is the base layer's), as in PEFT:
+    p = 0: y = bias + g (base_output - bias) + g s x A^T B^T; p > 0: y = base_output + (g - 1)
+    x' W^T + g s x' A^T B^T with W the int8 rows times their scales. y is then in
+    base_output's dtype.
     """
     n = weight_norm(weight, lora_A, lora_B, scaling, weight_sq)
     g = magnitude / n.to(magnitude.dtype)
     x, weight, bias = cast_for_autocast(x, weight, bias)
     name = resolve_backend("dora", backend, x.device)
-    y, _, _ = run(dora_linear_op, _DoRALinearEager, x, weight, bias, lora_A, lora_B, g, float(scaling),
-                  float(dropout_p), seed, name)
-    return y
+    y, _, _ = run(dora_linear_op, _DoRALinearEager, x, weight, bias if base_output is None else None, lora_A,
+                  lora_B, g, float(scaling), float(dropout_p), seed, name)
+    if base_output is None:
+        return y
+    if dropout_p > 0.0:
+        return (base_output + y).to(base_output.dtype)
+    unbiased = base_output if bias is None else base_output - bias
+    y = torch.addcmul(y, unbiased.to(y.dtype), g.to(y.dtype))
+    return (y if bias is None else y + bias.to(y.dtype)).to(base_output.dtype)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from fusedpeft.core.dtypes import accumulation_dtype
-from fusedpeft.host.lora import add_base_input_grad_, base_input_grad, expand_onto_base, lora_B_grad
+from fusedpeft.host.lora import add_base_input_grad_, expand_onto_base, lora_B_grad
 from fusedpeft.quantized import dense_weight
 from fusedpeft.torch_backend.dropout import dropped_blocks
 
@@ -38,7 +38,7 @@ def shrink(x, A, dropout_p: float, seed) -> torch.Tensor:
     if dropout_p == 0.0:
         return x @ A.t()
     S = x.new_empty(x.shape[0], A.shape[0])
-    for rows, _, x_dropped in dropped_blocks(x, dropout_p, seed):
+    for rows, x_dropped in dropped_blocks(x, dropout_p, seed):
         torch.mm(x_dropped, A.t(), out=S[rows])
     return S
 
@@ -72,7 +72,7 @@ def shrink_grads(grad_S, x, A, dropout_p: float, seed, base_grads, need_x: bool,
     -> (grad_x [N, K] = dropout'(grad_S @ A) + sum_i dY_i @ W_i in x's dtype,
         grad_A [r, K] = grad_S^T @ dropout(x) in fp32 (fp64 for fp64 x)), each None unless needed.
     Without dropout the dY_i @ W_i accumulate onto grad_S @ A as the GEMMs' beta=1 accumulation;
-    with dropout the masked grad_S @ A is added block by block onto the base part.
+    with dropout the masked grad_S @ A is written block by block first, then the dY_i @ W_i accumulate onto it.
     """
     acc_dtype = accumulation_dtype(x.dtype)
     if dropout_p == 0.0:
@@ -83,16 +83,13 @@ def shrink_grads(grad_S, x, A, dropout_p: float, seed, base_grads, need_x: bool,
             for grad_y, weight in base_grads:
                 add_base_input_grad_(grad_x, grad_y, weight)
         return grad_x, grad_A
-    grad_x = None
-    if need_x:
-        for grad_y, weight in base_grads:
-            grad_x = base_input_grad(grad_y, weight, x) if grad_x is None else add_base_input_grad_(grad_x, grad_y,
-                                                                                                    weight)
-        grad_x = torch.zeros_like(x) if grad_x is None else grad_x
+    grad_x = torch.empty_like(x) if need_x else None
     grad_A = torch.zeros(A.shape, dtype=acc_dtype, device=x.device) if need_A else None
-    for rows, multiplier, x_dropped in dropped_blocks(x, dropout_p, seed):
+    branch = (lambda rows: grad_S[rows] @ A) if need_x else None
+    for rows, x_dropped in dropped_blocks(x, dropout_p, seed, grad_x, branch):  # grad_x = dropout'(dS @ A)
         if need_A:
             grad_A += (grad_S[rows].t() @ x_dropped).to(acc_dtype)
-        if need_x:
-            grad_x[rows].addcmul_(grad_S[rows] @ A, multiplier)
+    if need_x:
+        for grad_y, weight in base_grads:
+            add_base_input_grad_(grad_x, grad_y, weight)
     return grad_x, grad_A

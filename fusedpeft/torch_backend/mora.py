@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from fusedpeft.core.dtypes import accumulation_dtype
+from fusedpeft.core.mora import MoraGeometry
+from fusedpeft.host.lora import add_base_input_grad_, base_input_grad
 from fusedpeft.quantized import dense_weight
 from fusedpeft.torch_backend.dropout import dropped_blocks
-from fusedpeft.torch_backend.lora import add_base_input_grad_, base_input_grad
-from fusedpeft.core.mora import MoraGeometry
 from fusedpeft.torch_backend.mora_maps import (
     chunk_input,
     chunk_input_add_,
@@ -139,7 +139,7 @@ def mora_forward(x, weight, bias, M, mora_type: int, dropout_p: float, seed, str
     y = base_output(x, weight, bias, g)
     M_x = _m_in(x.dtype, M, g)
     if dropout_p > 0.0:
-        for rows, _, x_dropped in dropped_blocks(x, dropout_p, seed):
+        for rows, x_dropped in dropped_blocks(x, dropout_p, seed):
             _adapter_add_(y[rows], x_dropped, M_x, g)
     else:
         _adapter_add_(y, x, M_x, g)
@@ -159,20 +159,24 @@ def mora_backward(grad_y, x, weight, M, mora_type: int, dropout_p: float, seed, 
         if need_M:
             grad_M = adapter_weight_grad(x, grad_y, g).to(M.dtype)
         return grad_x, grad_M
-    grad_x = base_input_grad(grad_y, weight, x) if need_x else None
     M_x = _m_in(x.dtype, M, g)
     if dropout_p > 0.0:
         acc_dtype = accumulation_dtype(x.dtype)
         acc = torch.zeros(M.shape, dtype=acc_dtype, device=x.device) if need_M else None
-        for rows, multiplier, x_dropped in dropped_blocks(x, dropout_p, seed):
+        grad_x = torch.empty_like(x) if need_x else None
+
+        def branch(rows: slice) -> torch.Tensor:  # the adapter's input gradient for rows, before dropout'
+            out = x.new_zeros(rows.stop - rows.start, x.shape[1])
+            _adapter_input_grad_add_(out, grad_y[rows], M_x, g)
+            return out
+
+        for rows, x_dropped in dropped_blocks(x, dropout_p, seed, grad_x, branch if need_x else None):
             if need_M:
                 acc += adapter_weight_grad(x_dropped, grad_y[rows], g)
-            if need_x:
-                branch = torch.zeros_like(x_dropped)
-                _adapter_input_grad_add_(branch, grad_y[rows], M_x, g)
-                grad_x[rows].addcmul_(branch, multiplier)
         grad_M = acc.to(M.dtype) if need_M else None
+        grad_x = add_base_input_grad_(grad_x, grad_y, weight) if need_x else None
     else:
+        grad_x = base_input_grad(grad_y, weight, x) if need_x else None
         if need_M:
             grad_M = adapter_weight_grad(x, grad_y, g).to(M.dtype)
         if need_x:
