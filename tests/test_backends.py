@@ -71,17 +71,15 @@ def _imported_modules(path) -> set[str]:
 
 def test_backends_share_host_helpers_not_the_torch_backend():
     """The cpu / cuda (cpp_backend) and triton (kernels) backends, the ops and fusedpeft/host take what
-    they share from fusedpeft.host, never from the torch backend; host imports no backend.
-    Left: MoRA's geometry, padding maps and RoPE tables (cpp_backend/mora.py, ops/mora.py)."""
+    they share from fusedpeft.host, never from the torch backend; host imports no backend."""
     from pathlib import Path
 
     root = Path(backends.__file__).parent
-    exempt = {"cpp_backend/mora.py", "ops/mora.py"}
     offenders = []
     for layer, banned in (("cpp_backend", "torch_backend"), ("kernels", "torch_backend"), ("ops", "torch_backend"),
                           ("host", "torch_backend"), ("host", "cpp_backend"), ("host", "kernels")):
         for path in sorted((root / layer).glob("*.py")):
             name = f"{layer}/{path.name}"
-            if name not in exempt and any(m.startswith(f"fusedpeft.{banned}") for m in _imported_modules(path)):
+            if any(m.startswith(f"fusedpeft.{banned}") for m in _imported_modules(path)):
                 offenders.append(name)
     assert not offenders, f"import fusedpeft.torch_backend / a backend where fusedpeft.host should serve: {offenders}"

@@ -267,7 +267,7 @@ def test_mora_type6_merge_and_weight_grad_match_reference(k, d, r_hat, dtype):
     float64 reference (wrap padding, tiled chunks (n R < D) and truncated ones (n R > D)). Plain
     chunks in float32 take the AVX-512 kernel where the CPU has it: 150 rows = 64 + 64 + 22, R = 46
     leaves partial 12 x 32 tiles."""
-    from fusedpeft.torch_backend.mora_maps import rope_tables
+    from fusedpeft.host.mora_maps import rope_tables
 
     n_chunks = -(-k // r_hat)
     cos, sin = rope_tables(r_hat, n_chunks, torch.device("cpu"))

@@ -1,10 +1,10 @@
 """MoRA on the C++ kernels: compress / decompress without padded copies, ATen GEMMs.
 
 Same API as fusedpeft.torch_backend.mora. Two strategies, chosen as on the torch path
-(torch_backend.mora.choose_strategy):
+(host.mora.choose_strategy):
 - "merged" (dropout off, fp32/fp64, many rows): y = x @ (W + ΔW)^T and dX = dY @ (W + ΔW),
   W + ΔW built in one pass over W (type 6 on CPU: fusedpeft_C::mora_rope_merge; else
-  torch_backend.mora.merged_weight), so the forward and dX cost the base GEMMs alone;
+  host.mora.merged_weight), so the forward and dX cost the base GEMMs alone;
   dM = decompress^T(dY)^T @ compress(x) by the kernels below (type 6 without dropout: R x R
   products of column blocks, rotated afterwards, by fusedpeft_C::mora_rope_weight_grad on CPU).
 - "explicit": z = compress(dropout(x)) (fusedpeft_C::mora_compress: [N, R] for types 1-4, the
@@ -27,8 +27,8 @@ from fusedpeft.core.mora import MoraGeometry, rope_tables
 from fusedpeft.cpp_backend import seed_value, unavailable_reason  # noqa: F401  (read by fusedpeft.backends)
 from fusedpeft.cpp_backend.dequant import dequantize_4bit
 from fusedpeft.host.lora import add_base_input_grad_
+from fusedpeft.host.mora import adapter_weight_grad, choose_strategy, geometry, merged_weight
 from fusedpeft.quantized import dense_weight
-from fusedpeft.torch_backend.mora import adapter_weight_grad, choose_strategy, geometry, merged_weight
 
 _ops = torch.ops.fusedpeft_C
 

@@ -34,7 +34,7 @@ from fusedpeft.ops._common import (
     saved_weight,
 )
 from fusedpeft.core.mora import MoraGeometry
-from fusedpeft.torch_backend.mora import delta_weight
+from fusedpeft.host.mora import delta_weight
 
 
 def _mora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: Tensor, mora_type: int, dropout_p: float,
