@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from fusedpeft.core.dtypes import accumulation_dtype
+
 
 def token_loss_weights(labels: torch.Tensor, *, instruction_mask: torch.Tensor | None = None,
                        instruction_weight: float = 0.0, token_weights: torch.Tensor | None = None,
@@ -15,5 +17,5 @@ def token_loss_weights(labels: torch.Tensor, *, instruction_mask: torch.Tensor |
     if instruction_mask is not None:
         w = torch.where(instruction_mask.bool(), w * instruction_weight, w)
     if token_weights is not None:
-        w = w * (token_weights.double() if token_weights.dtype == torch.float64 else token_weights.float())
+        w = w * token_weights.to(accumulation_dtype(token_weights.dtype))
     return w

@@ -58,6 +58,11 @@ DROPOUT_CONFIGS = {
 # (128, 64, 32, 8, 4) spills 16 bytes; 3 stages compile to 152 registers without spilling).
 DX_CONFIGS = {(80, 2): ((128, 64, 32, 8, 3), (64, 128, 32, 4, 4))}
 COLSUM_CONFIG = dict(BLOCK_M=32, BLOCK_D=128, num_warps=4)
+# colsum_product splits the rows so that about this many programs run: ~8 per SM of an H100 / H200
+# (132 SMs), enough 4-warp programs to hide the memory latency of one streaming pass over a and b,
+# few enough that the atomic adds of the partial sums into c [D] stay negligible (an estimate from
+# this count, not a tuned value).
+COLSUM_TARGET_PROGRAMS = 1024
 
 
 def dora_configs(arch: int, element_bytes: int, kind: str, dropout: bool) -> tuple:
@@ -138,9 +143,11 @@ def colsum_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if N == 0 or D == 0:
         return c
     cfg = COLSUM_CONFIG
-    splits = 1 if interpreting() else max(1, min(triton.cdiv(N, cfg["BLOCK_M"]), 1024 // triton.cdiv(D, 128)))
+    column_blocks = triton.cdiv(D, cfg["BLOCK_D"])
+    row_blocks = triton.cdiv(N, cfg["BLOCK_M"])
+    splits = 1 if interpreting() else max(1, min(row_blocks, COLSUM_TARGET_PROGRAMS // column_blocks))
     rows_per_split = triton.cdiv(triton.cdiv(N, splits), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
-    grid = (triton.cdiv(D, cfg["BLOCK_D"]), triton.cdiv(N, rows_per_split))
+    grid = (column_blocks, triton.cdiv(N, rows_per_split))
     _colsum_product_kernel[grid](a, b, c, N, D, a.stride(0), b.stride(0), rows_per_split,
                                  FP64=a.dtype == torch.float64, **cfg)
     return c
