@@ -8,7 +8,7 @@ for the block: each block's mask is made once per pass; callers then add the bas
 as the GEMM's beta = 1 accumulation.
 
 The mask is the Philox4x32-10 first word per element. In eager PyTorch that is ~100 int64 tensor
-operations per element, so it comes from a torch.compile'd copy of the formula (one loop per
+operations per element, so core/philox.py's keep_mask is compiled by torch.compile (one loop per
 block, same bits; one compile per graph, dtype and device type, ~10 s on CPU, then Inductor's
 cache), with the keys, first row and p passed as tensors so that one graph serves every seed,
 block and p. Inductor is told not to materialise the int64 intermediates (by default it writes
