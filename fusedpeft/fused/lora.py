@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fusedpeft.backends import check_backend_name
+from fusedpeft.core.lora import lora_delta_weight, lora_scaling
 from fusedpeft.fused._adapter import AdapterLinear, base_factory, check_base
 from fusedpeft.fused._checks import check_positive_int, check_probability
 from fusedpeft.fused.dora import (
@@ -21,7 +22,6 @@ from fusedpeft.fused.dora import (
 )
 from fusedpeft.ops.dora import dora_linear
 from fusedpeft.ops.lora import lora_linear
-from fusedpeft.core.lora import lora_delta_weight, lora_scaling
 
 LORA_INITS = ("kaiming", "gaussian")
 

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 
 import torch
 
+from fusedpeft.core.philox import new_dropout_seed
 from fusedpeft.fused._checks import check_linear_input
 from fusedpeft.fused.lora import LoRALinear
 from fusedpeft.ops.lora_grouped import lora_linear_grouped
 from fusedpeft.quantized import is_quantized
-from fusedpeft.core.philox import new_dropout_seed
 
 _WHERE = "fusedpeft.lora_group_forward"
 

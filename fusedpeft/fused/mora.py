@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from fusedpeft.backends import check_backend_name
+from fusedpeft.core.mora import mora_padding, mora_r_hat
 from fusedpeft.fused._checks import check_mora_type, check_positive_int, check_probability
 from fusedpeft.fused._adapter import AdapterLinear, base_factory, check_base
 from fusedpeft.ops.mora import mora_delta_weight, mora_linear
-from fusedpeft.core.mora import mora_padding, mora_r_hat
 
 
 # ReMoRA's default type cycle (the MoRA reference's ResetReloraCallback with remora_types=4)

@@ -26,14 +26,14 @@ from collections import Counter
 import torch
 from torch import nn
 
+from fusedpeft.core.lora import lora_scaling
+from fusedpeft.core.mora import MORA_TYPES
 from fusedpeft.fused import FLOAT_DTYPES, AdapterLinear
 from fusedpeft.fused.lora import LoRALinear
 from fusedpeft.fused.mora import MoRALinear, _checked_r_hat
 from fusedpeft.integrations.checkpoints import install_checkpointing
 from fusedpeft.integrations.models import _replace_everywhere, _set_submodule, unfreeze_adapters
 from fusedpeft.quantized import is_quantized
-from fusedpeft.core.lora import lora_scaling
-from fusedpeft.core.mora import MORA_TYPES
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -11,9 +11,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
+from fusedpeft.core.mora import MORA_TYPES
 from fusedpeft.fused import check_positive_int
 from fusedpeft.fused.mora import MoRALinear
-from fusedpeft.core.mora import MORA_TYPES
 
 
 def _mora_layers(model: nn.Module) -> list[MoRALinear]:

@@ -28,9 +28,9 @@ import sys
 
 import torch
 
+from fusedpeft.core.token_weights import token_loss_weights
 from fusedpeft.fused.log_probs import check_head_options, linear_log_probs
 from fusedpeft.integrations.causal_lm import _check_batch_tensor, _decoder, _head
-from fusedpeft.core.token_weights import token_loss_weights
 
 # TRL versions whose fused_lm_head contract this module implements (tests/test_trl.py)
 SUPPORTED_TRL = ">=1.16,<1.17"

@@ -47,6 +47,7 @@ import torch
 import triton
 
 from fusedpeft.core.dtypes import accumulation_dtype
+from fusedpeft.core.mora import MORA_TYPES, MoraGeometry, mora_padding, rope_tables
 from fusedpeft.kernels._common import (
     DTYPES,
     arch_class,
@@ -60,7 +61,6 @@ from fusedpeft.kernels._common import (
 from fusedpeft.kernels.dequant import dequantize_4bit
 from fusedpeft.kernels.mora_jit import _mora_dm_kernel, _mora_gemm_kernel, _mora_slot_sum_kernel
 from fusedpeft.quantized import dense_weight
-from fusedpeft.core.mora import MORA_TYPES, MoraGeometry, mora_padding, rope_tables
 
 DESIGNS = ("tile", "compressed")
 MODE_PLAIN, MODE_MERGE, MODE_SLOTS, MODE_ROPE = 0, 1, 2, 3

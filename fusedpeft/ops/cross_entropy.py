@@ -16,8 +16,8 @@ from torch import Tensor
 
 from fusedpeft.backends import implementation, resolve_backend
 from fusedpeft.core.dtypes import accumulation_dtype
-from fusedpeft.ops._common import eager_twin, empty_result, maybe, no_autocast, run, run_backward
 from fusedpeft.core.token_weights import token_loss_weights
+from fusedpeft.ops._common import eager_twin, empty_result, maybe, no_autocast, run, run_backward
 
 # chunk_budget_bytes=None: the aspect-ratio rule of Liger's and torch's chunked linear CE (chunk
 # logits about the size of the hidden states: next_pow2(ceil(N / ceil(V / H))) rows), in bytes,
