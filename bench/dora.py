@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from bench.common import Case, Provider, Settings, Step
-from bench.lora import floor_work, lora_specs, lora_work
+from bench.lora import adapter_dtype, adapter_inputs, floor_work, lora_specs, lora_work
 from bench.providers import fusedpeft_attr, fusedpeft_providers, peft_lora_layer
 
 GPU_SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336)]
@@ -30,16 +30,12 @@ def build_case(settings: Settings, n: int, k: int, d: int, r: int, p: float, nam
     dev, dt = settings.device, settings.dtype
     torch.manual_seed(0)
     elt = torch.finfo(dt).bits // 8
-    adapter_dtype = torch.float32 if elt == 2 else dt
     alpha = 2.0 * r
     scaling = alpha / r
     base = nn.Linear(k, d, bias=False, device=dev, dtype=dt).requires_grad_(False)
-    x = torch.randn(n, k, device=dev, dtype=dt, requires_grad=True)
-    grad_out = torch.randn(n, d, device=dev, dtype=dt)
-    lora_a = (torch.rand(r, k, device=dev, dtype=adapter_dtype) * 2 - 1) / k**0.5
-    lora_b = torch.randn(d, r, device=dev, dtype=adapter_dtype) * 0.02
+    x, grad_out, lora_a, lora_b = adapter_inputs(settings, n, k, d, r)
     magnitude = (torch.linalg.vector_norm(base.weight.float(), dim=1) * (1 + 0.1 * torch.rand(d, device=dev)))
-    magnitude = magnitude.to(adapter_dtype)
+    magnitude = magnitude.to(adapter_dtype(dt))
 
     def floor():
         return Step(lambda: base(x), [x], grad_out)
@@ -66,7 +62,7 @@ def build_case(settings: Settings, n: int, k: int, d: int, r: int, p: float, nam
 
         return reference.dora_linear(x, base.weight, None, lora_a, lora_b, magnitude, scaling)
 
-    notes = [f"adapters and magnitude: {str(adapter_dtype).replace('torch.', '')}; scaling = alpha/r = {scaling}",
+    notes = [f"adapters and magnitude: {str(adapter_dtype(dt)).replace('torch.', '')}; scaling = alpha/r = {scaling}",
              "work counted as LoRA's (the norm adds 2 D K r + 2 r^2 K FLOPs per forward)"]
     if p > 0:
         notes.append("dropout on: each provider draws its own mask, so outputs are not compared")

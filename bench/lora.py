@@ -77,6 +77,24 @@ class _AddmmLoRA(torch.autograd.Function):
         return grad_x, None, grad_a, grad_b, None
 
 
+def adapter_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The adapters' dtype in every LoRA-family case: fp32 next to a 16-bit base (PEFT's habit,
+    docs/contract.md §2), else the base's dtype."""
+    return torch.float32 if torch.finfo(dtype).bits == 16 else dtype
+
+
+def adapter_inputs(settings: Settings, n: int, k: int, d: int, r: int):
+    """The random inputs every LoRA-family case draws, in this order, after its base layer:
+    x [N, K] (requires grad) and grad_out [N, D] in the settings' dtype, lora_a [r, K] and
+    lora_b [D, r] in adapter_dtype."""
+    dev, dt = settings.device, settings.dtype
+    x = torch.randn(n, k, device=dev, dtype=dt, requires_grad=True)
+    grad_out = torch.randn(n, d, device=dev, dtype=dt)
+    lora_a = (torch.rand(r, k, device=dev, dtype=adapter_dtype(dt)) * 2 - 1) / k**0.5
+    lora_b = torch.randn(d, r, device=dev, dtype=adapter_dtype(dt)) * 0.02
+    return x, grad_out, lora_a, lora_b
+
+
 def _eager_lora(x, weight, lora_a, lora_b, scaling: float, p: float):
     """The PyTorch LoRA forward as written by hand: x [N, K] -> [N, D]."""
     return F.linear(x, weight) + scaling * F.linear(F.linear(F.dropout(x, p, training=True), lora_a), lora_b)
@@ -87,15 +105,10 @@ def build_case(settings: Settings, n: int, k: int, d: int, r: int, p: float, nam
     dev, dt = settings.device, settings.dtype
     torch.manual_seed(0)
     elt = torch.finfo(dt).bits // 8
-    # docs/contract.md §2 / PEFT: fp32 adapters next to a 16-bit base
-    adapter_dtype = torch.float32 if elt == 2 else dt
     alpha = 2.0 * r
     scaling = alpha / r
     base = nn.Linear(k, d, bias=False, device=dev, dtype=dt).requires_grad_(False)
-    x = torch.randn(n, k, device=dev, dtype=dt, requires_grad=True)
-    grad_out = torch.randn(n, d, device=dev, dtype=dt)
-    lora_a = (torch.rand(r, k, device=dev, dtype=adapter_dtype) * 2 - 1) / k**0.5
-    lora_b = torch.randn(d, r, device=dev, dtype=adapter_dtype) * 0.02
+    x, grad_out, lora_a, lora_b = adapter_inputs(settings, n, k, d, r)
 
     def floor():
         return Step(lambda: base(x), [x], grad_out)
@@ -149,7 +162,7 @@ def build_case(settings: Settings, n: int, k: int, d: int, r: int, p: float, nam
 
         return reference.lora_linear(x, base.weight, None, lora_a, lora_b, scaling)
 
-    notes = [f"adapters: {str(adapter_dtype).replace('torch.', '')} for PEFT/fusedpeft, "
+    notes = [f"adapters: {str(adapter_dtype(dt)).replace('torch.', '')} for PEFT/fusedpeft, "
              f"{str(dt).replace('torch.', '')} for addmm_/compile; scaling = alpha/r = {scaling}"]
     if p > 0:
         notes.append("dropout on: each provider draws its own mask, so outputs are not compared")

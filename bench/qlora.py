@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from bench.common import Case, Provider, Settings, Skip, Step
-from bench.lora import floor_work, lora_work
+from bench.lora import adapter_dtype, adapter_inputs, floor_work, lora_work
 from bench.providers import fusedpeft_attr, fusedpeft_providers, peft_lora_layer
 
 GPU_SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096)]  # Llama-3-8B projections
@@ -81,15 +81,11 @@ def build_case(settings: Settings, n: int, k: int, d: int, r: int, p: float, nam
     dev, dt = settings.device, settings.dtype
     torch.manual_seed(0)
     elt = torch.finfo(dt).bits // 8
-    adapter_dtype = torch.float32 if elt == 2 else dt
     alpha = 2.0 * r
     scaling = alpha / r
     weight = torch.randn(d, k) / k**0.5
     base = nf4_linear(k, d, dt, dev, weight)
-    x = torch.randn(n, k, device=dev, dtype=dt, requires_grad=True)
-    grad_out = torch.randn(n, d, device=dev, dtype=dt)
-    lora_a = (torch.rand(r, k, device=dev, dtype=adapter_dtype) * 2 - 1) / k**0.5
-    lora_b = torch.randn(d, r, device=dev, dtype=adapter_dtype) * 0.02
+    x, grad_out, lora_a, lora_b = adapter_inputs(settings, n, k, d, r)
 
     def floor():
         base.train()  # bitsandbytes' eval-mode CPU path repacks the weight; training is what is measured
@@ -125,7 +121,7 @@ def build_case(settings: Settings, n: int, k: int, d: int, r: int, p: float, nam
         return reference.lora_linear(x, _dequantize(base).to(dt), None, lora_a, lora_b, scaling)
 
     notes = ["NF4, blocksize 64, double quantization; W dequantized by each provider in forward and backward",
-             f"adapters: {str(adapter_dtype).replace('torch.', '')} for PEFT/fusedpeft, "
+             f"adapters: {str(adapter_dtype(dt)).replace('torch.', '')} for PEFT/fusedpeft, "
              f"{str(dt).replace('torch.', '')} for the unsloth-style baseline; scaling = alpha/r = {scaling}"]
     if p > 0:
         notes.append("dropout on: each provider draws its own mask, so outputs are not compared")
