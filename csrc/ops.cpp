@@ -47,6 +47,9 @@ TORCH_LIBRARY(fusedpeft_C, m) {
   m.def("dora_backward_p0(Tensor grad_y, Tensor out, Tensor x, Tensor weight, Tensor S, Tensor lora_A, "
         "Tensor lora_B, Tensor g, float scaling, bool need_x, bool need_A, bool need_B, bool need_g) -> "
         "(Tensor, Tensor, Tensor, Tensor)");
+  // CPU only (csrc/cpu/dora.cpp): weight [D, K] fp32 / fp64, lora_A [r, K], lora_B [D, r], g [D] ->
+  // g * weight + (scaling g * lora_B) @ lora_A [D, K] in weight's dtype (DoRA's merged weight).
+  m.def("dora_merged_weight(Tensor weight, Tensor lora_A, Tensor lora_B, Tensor g, float scaling) -> Tensor");
   // CPU only, type 6 without dropout (csrc/cpu/mora_rope.cpp): weight [D, K] + ΔW(M) in weight's
   // dtype, and dM [R, R] (compute dtype) from x [N, K] and grad_y [N, D]; cos, sin [n, R] fp32.
   m.def("mora_rope_merge(Tensor weight, Tensor M, int r_hat, Tensor cos, Tensor sin) -> Tensor");

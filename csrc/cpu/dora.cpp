@@ -1,5 +1,7 @@
-// DoRA's backward without dropout on CPU (docs/contract.md §8), from ONE parallel pass over dY and the saved
-// output Y, blocks of rows at a time (g = m / n, s = scaling):
+// DoRA's p = 0 backward on CPU (docs/contract.md §8), g = m / n, s = scaling, and the merged form's
+// weight W'' = g W + (s g B) A (fusedpeft/host/dora.py merged_strategy) in one pass over W.
+//
+// dora_backward_p0, from ONE parallel pass over dY and the saved output Y, blocks of rows at a time:
 //   dYg = dY * g                     per-task scratch of ~512K elements, never [N, D] (with dX only:
 //                                    without, dS = dY (s g B) directly, in blocks of ~128K elements)
 //   colsum[j] += dY[t, j] Y[t, j]    the magnitude's gradient numerator (compute dtype)
@@ -7,15 +9,61 @@
 //   dX = dYg W + dS A                one single-threaded ATen GEMM per block, plus the rank-r update
 //   dA += dS^T x,  P += S^T dY       per-task partials, summed at the end; dB = s g * P^T
 // One parallel region replaces ~12 elementwise / GEMM calls of the PyTorch path (on a busy 2-core
-// machine each region can cost a scheduler time slice) and dY is read once.
+// machine each region can cost a scheduler time slice) and dY is read once. Without dX (the merged
+// form computes dX = dY W'' itself) in fp32 on AVX-512, the rank-r part is csrc/cpu/dora_rows.cpp's
+// loop instead of the per-block ATen GEMMs: 2.1 vs 2.4 ms at 2048 x 1024 -> 1024, r = 16, one thread.
 // FLOPs 2 N D K + 4 N r (D + K) + 3 N D; bytes 2 N D s (dY, Y) + N K s (x, if dA) + N K s (dX) + D K s.
 #include "../dora.h"
 #include "common.h"
 
 #include <torch/library.h>
 
+#include <array>
+#include <vector>
+
+#include "vec.h"
+
 namespace fusedpeft::cpu {
 namespace {
+
+// Rows below which a second thread costs more than it saves (a few microseconds of work).
+constexpr int64_t kRowsPerTask = 64;
+
+// Without dX, fp32 on AVX-512: (colsum(dY * Y) [D], dA = dS^T x [r, K], P^T = dY^T S [D, r]) with
+// dS = dY C, C = s g B [D, r], from dora_rank_grads (csrc/cpu/dora_rows.cpp): one contiguous range
+// of rows per thread, each into its own partial sums. An unneeded result is undefined.
+std::array<at::Tensor, 3> rank_grads_without_dx(const at::Tensor& grad_y, const at::Tensor& out, const at::Tensor& x,
+                                                const at::Tensor& S_in, const at::Tensor& C, bool need_A, bool need_B,
+                                                bool need_g) {
+  const int64_t rows = grad_y.size(0), D = grad_y.size(1), K = x.size(1), r = C.size(1);
+  const auto S = S_in.contiguous();
+  const auto opts = grad_y.options();
+  std::vector<std::array<at::Tensor, 3>> partial(at::get_num_threads());  // colsum, dA^T [K, r], P^T
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    const int64_t n = end - begin;
+    const at::Tensor parts[3] = {need_g ? at::zeros({D}, opts) : at::Tensor(),
+                                 need_A ? at::zeros({K, r}, opts) : at::Tensor(),
+                                 need_B ? at::zeros({D, r}, opts) : at::Tensor()};
+    auto dS = at::empty({n, r}, opts);
+    const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+    dora_rank_grads_f32(grad_y.data_ptr<float>() + begin * D, need_g ? out.data_ptr<float>() + begin * D : nullptr,
+                        need_A ? x.data_ptr<float>() + begin * K : nullptr, S.data_ptr<float>() + begin * r,
+                        C.data_ptr<float>(), n, D, K, r, ptr(parts[0]), ptr(parts[2]), ptr(parts[1]),
+                        dS.data_ptr<float>());
+    auto& slot = partial[at::get_thread_num()];  // a thread may run several tasks
+    for (int i = 0; i < 3; ++i) {
+      if (parts[i].defined()) slot[i] = slot[i].defined() ? slot[i].add_(parts[i]) : parts[i];
+    }
+  });
+  std::array<at::Tensor, 3> sums;
+  for (const auto& slot : partial) {
+    for (int i = 0; i < 3; ++i) {
+      if (slot[i].defined()) sums[i] = sums[i].defined() ? sums[i].add_(slot[i]) : slot[i];
+    }
+  }
+  if (sums[1].defined()) sums[1] = sums[1].t().contiguous();
+  return sums;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward_p0(
     const at::Tensor& grad_y_in, const at::Tensor& out_in, const at::Tensor& x_in, const at::Tensor& weight,
@@ -40,6 +88,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward_p0(
   auto grad_A = need_A ? at::zeros({r, K}, acc_opts) : grad_y.new_empty({0});
   auto P = need_B ? at::zeros({r, D}, acc_opts) : grad_y.new_empty({0});  // S^T dY
   auto colsum = need_g ? at::zeros({D}, acc_opts) : grad_y.new_empty({0});
+  if (rows > 0 && D > 0 && !need_x && (need_A || need_B || need_g) && dtype == at::kFloat &&
+      cpu_isa() == CpuIsa::avx512) {
+    const auto sums = rank_grads_without_dx(grad_y, out, x, S, B_s.mul(g.unsqueeze(1)).contiguous(), need_A, need_B,
+                                            need_g);
+    return {grad_x, need_A ? sums[1] : grad_A, need_B ? sums[2].mul_(g.unsqueeze(1)).mul_(scaling) : P,
+            need_g ? sums[0] : colsum};
+  }
   if (rows > 0 && D > 0 && (need_S || need_B || need_g)) {
     // with dX, large blocks (its GEMMs dominate); without, cache-sized ones (measured 2.3x faster
     // for the rank-r products, 2048 x 1024 -> 1024, r = 16, one thread)
@@ -111,8 +166,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward_p0(
   return {grad_x, grad_A, grad_B, colsum};
 }
 
+// W'' = g W + (s g B) A [D, K] in weight's dtype (fp32 / fp64): the "merged" form's weight
+// (fusedpeft/host/dora.py merged_strategy) in one pass over W instead of a scaling pass and a
+// rank-r update pass (csrc/cpu/dora_rows.cpp).
+at::Tensor dora_merged_weight(const at::Tensor& weight_in, const at::Tensor& A_in, const at::Tensor& B_in,
+                              const at::Tensor& g_in, double scaling) {
+  const char* op = "fusedpeft_C::dora_merged_weight";
+  check_matrix(op, "weight", weight_in, "[D, K]");
+  check_matrix(op, "lora_A", A_in, "[r, K]");
+  check_matrix(op, "lora_B", B_in, "[D, r]");
+  const auto dtype = weight_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op, ": weight must be float32 or float64, got ", dtype);
+  const int64_t D = weight_in.size(0), K = weight_in.size(1), r = A_in.size(0);
+  TORCH_CHECK(A_in.size(1) == K && B_in.size(0) == D && B_in.size(1) == r, op, ": lora_A must be [", r, ", ", K,
+              "] and lora_B [", D, ", ", r, "], got ", shape_str(A_in), " and ", shape_str(B_in));
+  TORCH_CHECK(g_in.dim() == 1 && g_in.size(0) == D, op, ": g must have shape [", D, "], got ", shape_str(g_in));
+  const auto W = weight_in.contiguous();
+  const auto A = A_in.to(dtype).contiguous();
+  const auto g = g_in.to(dtype).contiguous();
+  const auto C = B_in.to(dtype).mul(g.unsqueeze(1)).mul_(scaling).contiguous();  // s g B [D, r]
+  auto out = at::empty({D, K}, W.options());
+  at::parallel_for(0, D, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    int64_t rows_done = 0;
+    if (dtype == at::kFloat) {
+      rows_done = dora_merged_rows_f32(W.data_ptr<float>() + begin * K, A.data_ptr<float>(),
+                                       C.data_ptr<float>() + begin * r, g.data_ptr<float>() + begin, end - begin, K, r,
+                                       out.data_ptr<float>() + begin * K);
+    }
+    if (begin + rows_done < end) {  // the rest (fp64, no AVX-512, the last rows of a group of four) by ATen
+      const at::NoGradGuard no_grad;
+      const int64_t from = begin + rows_done, n = end - from;
+      auto rest = out.narrow(0, from, n);
+      at::mul_out(rest, W.narrow(0, from, n), g.narrow(0, from, n).unsqueeze(1));
+      rest.addmm_(C.narrow(0, from, n), A);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedpeft_C, CPU, m) { m.impl("dora_backward_p0", &dora_backward_p0); }
+TORCH_LIBRARY_IMPL(fusedpeft_C, CPU, m) {
+  m.impl("dora_backward_p0", &dora_backward_p0);
+  m.impl("dora_merged_weight", &dora_merged_weight);
+}
 
 }  // namespace fusedpeft::cpu

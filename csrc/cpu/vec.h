@@ -35,5 +35,21 @@ float expsum_f32(const float* x, int64_t n, float shift);
 void apply_keep_f32(const float* in, float* out, const uint8_t* keep, float keep_scale, int64_t n);
 // g[j] = exp(z[j] - lse) * c1 - c0; g may alias z.
 void ce_grad_f32(const float* z, float* g, int64_t n, float lse, float c1, float c0);
+// DoRA's rank-r gradients over `rows` contiguous rows of dY, Y [rows, D], x [rows, K] and
+// S [rows, r], with C = s g B [D, r] (dora_rows.cpp):
+//   colsum[j] += sum_t dY[t, j] Y[t, j]             (skipped when colsum is null; Y is then not read)
+//   PT[j, q]  += sum_t dY[t, j] S[t, q]   [D, r]     (S^T dY)^T, skipped when null
+//   dAT[k, q] += sum_t x[t, k] dS[t, q]   [K, r]     with dS = dY C; skipped when null (x not read)
+// dS: scratch of rows * r elements. Written for AVX-512 (groups of eight rows); the rows after
+// the last group, and every row without AVX-512, take a plain loop several times slower than
+// ATen's GEMMs, so callers check cpu_isa() first.
+void dora_rank_grads_f32(const float* dY, const float* Y, const float* x, const float* S, const float* C,
+                         int64_t rows, int64_t D, int64_t K, int64_t r, float* colsum, float* PT, float* dAT,
+                         float* dS);
+// DoRA's merged weight: out[i, :] = g[i] W[i, :] + sum_q C[i, q] A[q, :] with W, out [rows, K]
+// (contiguous), C = s g B [rows, r], A [r, K], for the first rows in groups of four; returns how
+// many it did (0 where the CPU or FUSEDPEFT_CPU_ISA rules out AVX-512). dora_rows.cpp.
+int64_t dora_merged_rows_f32(const float* W, const float* A, const float* C, const float* g, int64_t rows, int64_t K,
+                             int64_t r, float* out);
 
 }  // namespace fusedpeft::cpu

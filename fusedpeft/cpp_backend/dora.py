@@ -2,7 +2,8 @@
 
 Same API and formulas as fusedpeft.torch_backend.dora (see there for what is saved and why).
 Forward:  p = 0: as the torch path (plain ATen GEMMs, one in-place pass y = g * u + bias; or its
-          "merged" form y = x W''^T + bias, W'' = g (W + s B A), in fp32 / fp64 with enough rows).
+          "merged" form y = x W''^T + bias, W'' = g (W + s B A), in fp32 / fp64 with enough rows,
+          W'' built by fusedpeft_C::dora_merged_weight in one pass over W on CPU).
           p > 0: S' = dropout(x) A^T and V = dropout(x) W^T by fusedpeft_C::lora_shrink (the
           mask generated in the kernel, block by block; no dropped copy of x), then
           y = x W^T + bias + (g - 1) * V + g s S' B^T.
@@ -10,7 +11,8 @@ Backward: p = 0: everything (dX, dA, dB and colsum(dY * Y) for dg) by fusedpeft_
           on CPU one parallel pass over dY and Y, row blocks at a time (csrc/cpu/dora.cpp); on
           CUDA one kernel pass gives dY * g and colsum(dY * Y) (csrc/cuda/dora.cu), cuBLAS the rest;
           in the "merged" form (fp32 / fp64, enough rows) the kernel skips dX, which is one GEMM
-          dY W'' (the kernel's per-block dX GEMMs measured ~1.5x one big GEMM);
+          dY W'' (the kernel's per-block dX GEMMs measured ~1.5x one big GEMM), and in fp32 on
+          AVX-512 does the rank-r products in its own loop (csrc/cpu/dora_rows.cpp);
           p > 0: dS = s dY (g B) and s dY^T S from one blocked pass over dY on CPU
           (fusedpeft_C::lora_expand_backward, with g B in place of B; ATen GEMMs on CUDA);
           p > 0: fusedpeft_C::lora_shrink_backward gives dropout'(dS A) with dA = dS^T dropout(x),
@@ -46,16 +48,30 @@ from fusedpeft.host.lora import expand_onto_base
 _ops = torch.ops.fusedpeft_C
 
 
+# the kernels each device needs (dora_merged_weight is CPU-only: CUDA builds W'' with ATen)
+_KERNELS = {"CPU": ("dora_backward_p0", "dora_merged_weight"), "CUDA": ("dora_backward_p0",)}
+
+
 def unavailable_reason(device: torch.device) -> str | None:
-    """As the extension's, plus: the extension must hold the DoRA kernel for the device (built from
+    """As the extension's, plus: the extension must hold the DoRA kernels for the device (built from
     this csrc/, with the CUDA sources for the cuda backend)."""
     reason = _extension_unavailable(device)
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    if reason is None and key and not torch._C._dispatch_has_kernel_for_dispatch_key(
-            "fusedpeft_C::dora_backward_p0", key):
-        return (f"fusedpeft._C has no {key} dora_backward_p0 kernel: it was built from older sources"
-                + (" or without its CUDA sources (FUSEDPEFT_SKIP_CUDA=1)" if key == "CUDA" else "") + "; rebuild it")
-    return reason
+    if reason is not None or key is None:
+        return reason
+    for name in _KERNELS[key]:
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedpeft_C::{name}", key):
+            return (f"fusedpeft._C has no {key} {name} kernel: it was built from older sources"
+                    + (" or without its CUDA sources (FUSEDPEFT_SKIP_CUDA=1)" if key == "CUDA" else "")
+                    + "; rebuild it")
+    return None
+
+
+def _merged_weight(weight, lora_A, lora_B, g, scaling: float) -> torch.Tensor:
+    """host.dora.merged_weight, on CPU by fusedpeft_C::dora_merged_weight (one pass over W)."""
+    if weight.device.type == "cpu":
+        return _ops.dora_merged_weight(weight, lora_A, lora_B, g, scaling)
+    return merged_weight(weight, lora_A, lora_B, g, scaling)
 
 
 def dora_forward(x, weight, bias, lora_A, lora_B, g, scaling: float, dropout_p: float, seed):
@@ -65,7 +81,7 @@ def dora_forward(x, weight, bias, lora_A, lora_B, g, scaling: float, dropout_p: 
     dequantized by fusedpeft_C::dequantize_4bit)."""
     if dropout_p == 0.0:
         weight = dora_weights(weight, x.dtype, 0.0, dequantize_4bit)[0]  # None for an 8-bit base
-        return forward_no_dropout(x, weight, bias, lora_A, lora_B, g, scaling)
+        return forward_no_dropout(x, weight, bias, lora_A, lora_B, g, scaling, _merged_weight)
     if x.device.type != "cpu":  # see the module docstring
         return implementation("dora", "torch").dora_forward(x, weight, bias, lora_A, lora_B, g, scaling, dropout_p,
                                                             seed)
@@ -104,7 +120,7 @@ def dora_backward(grad_y, x, weight, bias, lora_A, lora_B, g, saved, S, scaling:
         grad_x, grad_A, grad_B, num = _ops.dora_backward_p0(dy, saved, x, w, S, lora_A, lora_B, g, scaling,
                                                             need_x and not merged, need_A, need_B, need_g)
         if merged:  # dX = dY W'' as one GEMM (torch_backend.dora's "merged" form)
-            grad_x = dy @ merged_weight(dense, lora_A, lora_B, g, scaling)
+            grad_x = dy @ _merged_weight(dense, lora_A, lora_B, g, scaling)
         grad_g = None
         if need_g:
             if bias is not None:

@@ -122,14 +122,15 @@ def scale_output_(y: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None) -
     return torch.addcmul(bias, y, g, out=y)
 
 
-def forward_no_dropout(x, weight, bias, lora_A, lora_B, g, scaling: float):
+def forward_no_dropout(x, weight, bias, lora_A, lora_B, g, scaling: float, build_merged=merged_weight):
     """dora_forward at p = 0: (y = g * (x W^T + s S B^T) + bias [N, D], S = x A^T [N, r], an empty
     [0] for V), in x's dtype: LoRA's expand_onto_base gives u in y's buffer, one in-place pass
-    scales it by g and adds the bias; or the merged form (merged_strategy). weight: a dense W, or
-    None for an 8-bit base (no base product)."""
+    scales it by g and adds the bias; or the merged form (merged_strategy), its W'' from
+    ``build_merged`` (merged_weight's signature). weight: a dense W, or None for an 8-bit base
+    (no base product)."""
     S = x @ lora_A.to(x.dtype).t()
     if merged_strategy(x, weight, 0.0):
-        return torch.nn.functional.linear(x, merged_weight(weight, lora_A, lora_B, g, scaling), bias), S, x.new_empty(0)
+        return torch.nn.functional.linear(x, build_merged(weight, lora_A, lora_B, g, scaling), bias), S, x.new_empty(0)
     y = expand_onto_base(S, x, weight, None, lora_B, scaling)
     return scale_output_(y, g, bias), S, x.new_empty(0)
 
