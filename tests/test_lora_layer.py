@@ -84,18 +84,35 @@ def test_dropout_mask_differs_per_forward_and_is_off_in_eval():
     torch.testing.assert_close(layer(x), eager_same_dtype(x, layer, 0.0, None))
 
 
-def test_saves_x_and_S_only():
-    """Saved for backward: x itself (no dropped copy), S [N, r]; nothing of size N x out_features."""
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if b in runnable("lora")])
+def test_saves_x_S_and_at_most_the_mask(backend):
+    """Saved for backward: x itself (no dropped copy), S [N, r], and on the torch backend on CPU the
+    dropout mask as bool [N, K] (host.lora.stores_keep_mask); nothing of size N x out_features. The
+    saved mask is the one the forward used: the gradients equal those of a backward that
+    regenerates it from the seed."""
     n, k, d, r = 8, 24, 40, 4
-    layer = make_layer(k, d, r, torch.float32, dropout=0.1)
+    layer = make_layer(k, d, r, torch.float32, dropout=0.1, backend=backend)
     x = torch.randn(n, k, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        layer(x)
+        y, seed = run_with_seed(layer, x)
     activations = [t for t in saved if t.dim() == 2 and t.shape[0] == n]
-    assert sorted(tuple(t.shape) for t in activations) == [(n, r), (n, k)]
-    x_saved = next(t for t in activations if t.shape == (n, k))
+    masks = [(n, k)] if backend == "torch" else []
+    assert sorted(tuple(t.shape) for t in activations) == sorted([(n, r), (n, k)] + masks)
+    x_saved = next(t for t in activations if t.shape == (n, k) and t.dtype == x.dtype)
     assert x_saved.data_ptr() == x.data_ptr()
+    assert all(t.dtype == torch.bool for t in activations if t.shape == (n, k) and t is not x_saved)
+    if backend != "torch":
+        return
+    grad_y = torch.randn(n, d)
+    got = torch.autograd.grad(y, (x, layer.lora_A.weight, layer.lora_B.weight), grad_y)
+    from fusedpeft.torch_backend import lora as torch_lora
+
+    S = next(t for t in activations if t.shape == (n, r))
+    regenerated = torch_lora.lora_backward(grad_y, x.detach(), layer.base_layer.weight, layer.lora_A.weight,
+                                           layer.lora_B.weight, S, layer.scaling, 0.1, seed, True, True, True)
+    for a, b in zip(got, regenerated):
+        torch.testing.assert_close(a, b)
 
 
 def test_adapter_dtype_follows_peft():

@@ -47,7 +47,9 @@ def test_lora_op(backend, dropout_p, bias):
     x, weight, b, A, B, scaling, p, seed = args
     grad_y = torch.randn(7, 65, dtype=torch.float64)
     S = torch.randn(7, 4, dtype=torch.float64)
-    opcheck(lora_linear_backward_op, (grad_y, x.detach(), weight, A.detach(), B.detach(), S, scaling, p, seed,
+    keep = lora_linear_op(*args, backend)[2]  # the saved dropout mask (torch backend on CPU), else empty
+    assert keep.dtype == torch.bool and keep.shape == ((7, 33) if backend == "torch" and dropout_p else (0,))
+    opcheck(lora_linear_backward_op, (grad_y, x.detach(), weight, A.detach(), B.detach(), S, keep, scaling, p, seed,
                                       True, False, True, backend))
     _gradcheck(lambda x, A, B: lora_linear_op(x, weight, b, A, B, scaling, p, seed, backend)[0], (x, A, B), backend)
 

@@ -32,3 +32,12 @@ def base_input_grad(grad_y, weight, x) -> torch.Tensor:
 def add_base_input_grad_(grad_x, grad_y, weight) -> torch.Tensor:
     """grad_x += dY @ W in place (as the GEMM's beta=1 accumulation); unchanged when weight is None."""
     return grad_x if weight is None else grad_x.addmm_(grad_y, weight)
+
+
+def stores_keep_mask(backend: str, dropout_p: float, device: torch.device) -> bool:
+    """Whether the lora op saves the dropout mask (bool [N, K]) for its backward instead of
+    regenerating it from the seed: the torch backend on CPU, where the compiled Philox costs
+    ~4-5 ns per element and pass (two passes: ~18 ms at 2048 x 1024, more than PEFT's whole
+    dropout), while replaying a saved mask is three elementwise passes. PEFT saves the dropped x
+    and the mask; this saves the mask only. The cpu / cuda / triton kernels regenerate it in-kernel."""
+    return backend == "torch" and dropout_p > 0.0 and device.type == "cpu"

@@ -1,11 +1,13 @@
-"""docs/contract.md §5 dropout for the PyTorch path: the mask regenerated block by block from the seed.
+"""docs/contract.md §5 dropout for the PyTorch path: the mask made block by block from the seed.
 
-Nothing of size x is stored between forward and backward: callers walk the rows of x[M, K] in
-blocks. Forward: ``dropped_blocks(x, p, seed)`` yields dropout(x) per block. Backward:
-``dropped_blocks(x, p, seed, grad_x, branch)`` first writes dropout'(branch(rows)) (the branch
-gradient [b, K] times keep / (1 - p)) into grad_x[rows], from the same mask, then yields dropout(x)
-for the block: each block's mask is made once per pass; callers then add the base layer's dY @ W
-as the GEMM's beta = 1 accumulation.
+Callers walk the rows of x[M, K] in blocks. Forward: ``dropped_blocks(x, p, seed)`` yields
+dropout(x) per block. Backward: ``dropped_blocks(x, p, seed, grad_x, branch)`` first writes
+dropout'(branch(rows)) (the branch gradient [b, K] times keep / (1 - p)) into grad_x[rows], from
+the same mask, then yields dropout(x) for the block: each block's mask is made once per pass;
+callers then add the base layer's dY @ W as the GEMM's beta = 1 accumulation. Nothing of size x
+is stored between forward and backward, except where the LoRA op saves the mask (bool [M, K],
+host.lora.stores_keep_mask: CPU): the forward's ``keep_out`` receives it and ``kept_blocks``
+replays it in backward with three elementwise passes per block instead of the Philox.
 
 The mask is the Philox4x32-10 first word per element. In eager PyTorch that is ~100 int64 tensor
 operations per element, so core/philox.py's keep_mask is compiled by torch.compile (one loop per
@@ -60,6 +62,16 @@ def dropped_block(x: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, row_start
     return x * (keep_mask(k0, k1, row_start, x.shape[0], x.shape[1], p).to(x.dtype) * scale)
 
 
+def dropped_block_and_keep(x: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, row_start: torch.Tensor,
+                           p: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dropped_block(x, ...) [b, K], the keep mask as int32 [b, K], 1 where kept) from one
+    evaluation of the mask. int32, not bool: Inductor's CPU loop with a 1-byte output is not
+    vectorised (measured, 1024 x 1024 fp32, one thread: 3.9 ms with an int32 mask, 14.0 ms with a
+    bool one, 8.0 ms with uint8; 3.7 ms without the mask); the caller narrows it to bool."""
+    keep = keep_mask(k0, k1, row_start, x.shape[0], x.shape[1], p)
+    return x * (keep.to(x.dtype) * scale), keep.to(torch.int32)
+
+
 def dropped_block_and_grad_(x: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, row_start: torch.Tensor,
                             p: torch.Tensor, scale: torch.Tensor, grad_x: torch.Tensor,
                             branch: torch.Tensor) -> torch.Tensor:
@@ -69,7 +81,7 @@ def dropped_block_and_grad_(x: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor,
     return x * multiplier
 
 
-_GRAPHS = {"forward": dropped_block, "backward": dropped_block_and_grad_}
+_GRAPHS = {"forward": dropped_block, "forward_keep": dropped_block_and_keep, "backward": dropped_block_and_grad_}
 
 
 def _eager() -> bool:
@@ -114,11 +126,14 @@ def row_blocks(n_rows: int, n_cols: int, device_type: str = "cpu") -> Iterator[s
 
 
 def dropped_blocks(x: torch.Tensor, p: float, seed: torch.Tensor, grad_x: torch.Tensor | None = None,
-                   branch: Callable[[slice], torch.Tensor] | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
+                   branch: Callable[[slice], torch.Tensor] | None = None,
+                   keep_out: torch.Tensor | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
     """For x [M, K]: yields (rows, dropout(x)[rows] [b, K]) block by block, in x's dtype.
 
     Backward use: with grad_x [M, K] (x's dtype, contiguous) and branch(rows) -> [b, K], each block
     first sets grad_x[rows] = branch(rows) * keep / (1 - p), from the same mask as the yielded block.
+    Forward use with keep_out (bool [M, K]): each block's mask is also written there (kept_blocks
+    then replays it in backward).
     """
     device = x.device
     seed = torch.as_tensor(seed, dtype=torch.int64).to(device)
@@ -127,7 +142,24 @@ def dropped_blocks(x: torch.Tensor, p: float, seed: torch.Tensor, grad_x: torch.
     scale = torch.tensor(1.0 / (1.0 - p), dtype=x.dtype, device=device)
     for rows in row_blocks(x.shape[0], x.shape[1], device.type):
         args = (x[rows], *keys, torch.tensor(rows.start, dtype=torch.int64, device=device), p_t, scale)
-        if grad_x is None:
-            yield rows, _call("forward", device, *args)
-        else:
+        if grad_x is not None:
             yield rows, _call("backward", device, *args, grad_x[rows], branch(rows).to(x.dtype))
+        elif keep_out is not None:
+            dropped, keep = _call("forward_keep", device, *args)
+            keep_out[rows] = keep
+            yield rows, dropped
+        else:
+            yield rows, _call("forward", device, *args)
+
+
+def kept_blocks(x: torch.Tensor, keep: torch.Tensor, p: float, grad_x: torch.Tensor | None = None,
+                branch: Callable[[slice], torch.Tensor] | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
+    """dropped_blocks' backward use from a mask saved in forward (keep bool [M, K], dropped_blocks'
+    keep_out): yields (rows, dropout(x)[rows]), first setting grad_x[rows] = branch(rows) * keep /
+    (1 - p) when grad_x is given. Three elementwise passes per block in eager PyTorch, no Philox."""
+    scale = 1.0 / (1.0 - p)
+    for rows in row_blocks(x.shape[0], x.shape[1], x.device.type):
+        multiplier = keep[rows].to(x.dtype).mul_(scale)
+        if grad_x is not None:
+            torch.mul(branch(rows).to(x.dtype), multiplier, out=grad_x[rows])
+        yield rows, multiplier.mul_(x[rows])

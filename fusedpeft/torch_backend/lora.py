@@ -5,7 +5,8 @@ Forward:  S = dropout(x) @ A^T  [N, r];  y = bias + scaling * S @ B^T, then y +=
           where a separate y += ... pass would cost a full read and write of y).
 Backward: dS = scaling * dY @ B;  dB = scaling * dY^T @ S;  dA = dS^T @ dropout(x);
           dX = dropout'(dS @ A), then dX += dY @ W in the same way.
-Saved between them: x, S and the seed. The dropout mask is regenerated block by block, so no
+Saved between them: x, S and the seed; on CPU also the dropout mask (bool [N, K], a quarter of
+an fp32 x: host.lora.stores_keep_mask), elsewhere the mask is regenerated block by block. No
 dropped copy of x and no full-size temporary exists. x is never upcast: A and B (fp32 when the
 base is 16-bit) are cast to x's dtype, and the matmuls accumulate in fp32 internally.
 FLOPs beyond the base layer: forward 2 N r (K + D), backward 2 N r (2 D + 2 K).
@@ -18,37 +19,40 @@ import torch
 from fusedpeft.core.dtypes import accumulation_dtype
 from fusedpeft.host.lora import add_base_input_grad_, expand_onto_base, lora_B_grad
 from fusedpeft.quantized import dense_weight
-from fusedpeft.torch_backend.dropout import dropped_blocks
+from fusedpeft.torch_backend.dropout import dropped_blocks, kept_blocks
 
 
-def lora_forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
+def lora_forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed, keep_out=None):
     """x [N, K], weight [D, K], bias [D] | None, lora_A [r, K], lora_B [D, r] -> (y [N, D], S [N, r]).
 
     y and S have x's dtype; seed is a 0-dim int64 tensor (needed when dropout_p > 0). weight may
     be a fusedpeft.quantized.QuantizedWeight: dequantized here by bitsandbytes (4-bit), or no
-    base product at all (8-bit, the layer adds bitsandbytes' own output).
+    base product at all (8-bit, the layer adds bitsandbytes' own output). keep_out: bool [N, K]
+    to receive the dropout mask for lora_backward's ``keep`` (host.lora.stores_keep_mask).
     """
     weight = dense_weight(weight, x.dtype)
-    S = shrink(x, lora_A.to(x.dtype), dropout_p, seed)
+    S = shrink(x, lora_A.to(x.dtype), dropout_p, seed, keep_out)
     return expand_onto_base(S, x, weight, bias, lora_B, scaling), S
 
 
-def shrink(x, A, dropout_p: float, seed) -> torch.Tensor:
-    """S [N, r] = dropout(x) @ A^T, x [N, K] and A [r, K] in x's dtype; the mask block by block."""
+def shrink(x, A, dropout_p: float, seed, keep_out=None) -> torch.Tensor:
+    """S [N, r] = dropout(x) @ A^T, x [N, K] and A [r, K] in x's dtype; the mask block by block
+    (also written into keep_out, bool [N, K], when given)."""
     if dropout_p == 0.0:
         return x @ A.t()
     S = x.new_empty(x.shape[0], A.shape[0])
-    for rows, x_dropped in dropped_blocks(x, dropout_p, seed):
+    for rows, x_dropped in dropped_blocks(x, dropout_p, seed, keep_out=keep_out):
         torch.mm(x_dropped, A.t(), out=S[rows])
     return S
 
 
 def lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling: float, dropout_p: float, seed,
-                  need_x: bool, need_A: bool, need_B: bool):
+                  need_x: bool, need_A: bool, need_B: bool, keep=None):
     """grad_y [N, D] -> (grad_x [N, K] | None, grad_A [r, K] | None, grad_B [D, r] | None).
 
     grad_A / grad_B come back in the adapters' dtypes, grad_x in x's dtype. A quantized weight is
-    dequantized again here (it is never kept from the forward).
+    dequantized again here (it is never kept from the forward). keep: the forward's mask (bool
+    [N, K], lora_forward's keep_out), else the mask is regenerated from the seed.
     """
     grad_y = grad_y.to(x.dtype)
     weight = dense_weight(weight, x.dtype) if need_x else None
@@ -56,7 +60,8 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, S, scaling: float, dropout_
     if not (need_x or need_A):
         return None, None, grad_B
     grad_S = shrink_output_grad(grad_y, lora_B, scaling)
-    grad_x, grad_A = shrink_grads(grad_S, x, lora_A.to(x.dtype), dropout_p, seed, [(grad_y, weight)], need_x, need_A)
+    grad_x, grad_A = shrink_grads(grad_S, x, lora_A.to(x.dtype), dropout_p, seed, [(grad_y, weight)], need_x, need_A,
+                                  keep)
     return grad_x, None if grad_A is None else grad_A.to(lora_A.dtype), grad_B
 
 
@@ -65,9 +70,10 @@ def shrink_output_grad(grad_y, lora_B, scaling: float) -> torch.Tensor:
     return grad_y @ (lora_B * scaling).to(grad_y.dtype)
 
 
-def shrink_grads(grad_S, x, A, dropout_p: float, seed, base_grads, need_x: bool, need_A: bool):
+def shrink_grads(grad_S, x, A, dropout_p: float, seed, base_grads, need_x: bool, need_A: bool, keep=None):
     """Back through S = dropout(x) @ A^T and the base GEMMs that read x: grad_S [N, r], x [N, K],
-    A [r, K] in x's dtype; base_grads: (dY [N, D_i], W [D_i, K] | None) per base layer reading x.
+    A [r, K] in x's dtype; base_grads: (dY [N, D_i], W [D_i, K] | None) per base layer reading x;
+    keep: the forward's mask (bool [N, K]) or None to regenerate it from the seed.
 
     -> (grad_x [N, K] = dropout'(grad_S @ A) + sum_i dY_i @ W_i in x's dtype,
         grad_A [r, K] = grad_S^T @ dropout(x) in fp32 (fp64 for fp64 x)), each None unless needed.
@@ -86,7 +92,9 @@ def shrink_grads(grad_S, x, A, dropout_p: float, seed, base_grads, need_x: bool,
     grad_x = torch.empty_like(x) if need_x else None
     grad_A = torch.zeros(A.shape, dtype=acc_dtype, device=x.device) if need_A else None
     branch = (lambda rows: grad_S[rows] @ A) if need_x else None
-    for rows, x_dropped in dropped_blocks(x, dropout_p, seed, grad_x, branch):  # grad_x = dropout'(dS @ A)
+    blocks = (dropped_blocks(x, dropout_p, seed, grad_x, branch) if keep is None
+              else kept_blocks(x, keep, dropout_p, grad_x, branch))
+    for rows, x_dropped in blocks:  # grad_x = dropout'(dS @ A)
         if need_A:
             grad_A += (grad_S[rows].t() @ x_dropped).to(acc_dtype)
     if need_x:
