@@ -153,13 +153,16 @@ def dropped_blocks(x: torch.Tensor, p: float, seed: torch.Tensor, grad_x: torch.
 
 
 def kept_blocks(x: torch.Tensor, keep: torch.Tensor, p: float, grad_x: torch.Tensor | None = None,
-                branch: Callable[[slice], torch.Tensor] | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
+                branch_into: Callable[[slice, torch.Tensor], object] | None = None
+                ) -> Iterator[tuple[slice, torch.Tensor]]:
     """dropped_blocks' backward use from a mask saved in forward (keep bool [M, K], dropped_blocks'
-    keep_out): yields (rows, dropout(x)[rows]), first setting grad_x[rows] = branch(rows) * keep /
-    (1 - p) when grad_x is given. Three elementwise passes per block in eager PyTorch, no Philox."""
+    keep_out): yields (rows, dropout(x)[rows]), first setting grad_x[rows] = branch * keep / (1 - p)
+    when grad_x is given, where branch_into(rows, out) writes the branch gradient [b, K] into out
+    (grad_x[rows] itself: no temporary). Elementwise passes in eager PyTorch, no Philox."""
     scale = 1.0 / (1.0 - p)
     for rows in row_blocks(x.shape[0], x.shape[1], x.device.type):
         multiplier = keep[rows].to(x.dtype).mul_(scale)
         if grad_x is not None:
-            torch.mul(branch(rows).to(x.dtype), multiplier, out=grad_x[rows])
+            branch_into(rows, grad_x[rows])
+            grad_x[rows].mul_(multiplier)
         yield rows, multiplier.mul_(x[rows])

@@ -93,7 +93,7 @@ def shrink_grads(grad_S, x, A, dropout_p: float, seed, base_grads, need_x: bool,
     grad_A = torch.zeros(A.shape, dtype=acc_dtype, device=x.device) if need_A else None
     branch = (lambda rows: grad_S[rows] @ A) if need_x else None
     blocks = (dropped_blocks(x, dropout_p, seed, grad_x, branch) if keep is None
-              else kept_blocks(x, keep, dropout_p, grad_x, branch))
+              else kept_blocks(x, keep, dropout_p, grad_x, lambda rows, out: torch.mm(grad_S[rows], A, out=out)))
     for rows, x_dropped in blocks:  # grad_x = dropout'(dS @ A)
         if need_A:
             grad_A += (grad_S[rows].t() @ x_dropped).to(acc_dtype)
