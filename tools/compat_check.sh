@@ -36,7 +36,7 @@ TESTS=(tests/test_triton_aot.py tests/test_triton_*_aot.py  # every Triton kerne
        tests/test_losses.py tests/test_causal_lm.py tests/test_peft_io.py tests/test_integrations_models.py
        tests/test_cpp_extension.py tests/test_spec_cross_entropy.py tests/test_spec_lora_peft.py tests/test_spec_mora.py
        tests/test_dequant_4bit.py tests/test_qlora_layer.py tests/test_dora.py tests/test_dora_peft_io.py
-       tests/test_ce_normalize.py tests/test_hardening.py)
+       tests/test_ce_normalize.py tests/test_hardening.py tests/test_cpu_dora_kernels.py)
 start=$(date +%s)
 step() { echo "== compat: $1 ($(( $(date +%s) - start )) s)"; }
 
