@@ -84,17 +84,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward_p0(
   const auto A = A_in.to(acc);
   const auto B_s = B_in.to(acc).mul(scaling);  // s B [D, r]
   const bool need_S = need_x || need_A;
-  auto grad_x = need_x ? at::empty({rows, K}, grad_y.options()) : grad_y.new_empty({0});
-  auto grad_A = need_A ? at::zeros({r, K}, acc_opts) : grad_y.new_empty({0});
-  auto P = need_B ? at::zeros({r, D}, acc_opts) : grad_y.new_empty({0});  // S^T dY
-  auto colsum = need_g ? at::zeros({D}, acc_opts) : grad_y.new_empty({0});
   if (rows > 0 && D > 0 && !need_x && (need_A || need_B || need_g) && dtype == at::kFloat &&
       cpu_isa() == CpuIsa::avx512) {
     const auto sums = rank_grads_without_dx(grad_y, out, x, S, B_s.mul(g.unsqueeze(1)).contiguous(), need_A, need_B,
                                             need_g);
-    return {grad_x, need_A ? sums[1] : grad_A, need_B ? sums[2].mul_(g.unsqueeze(1)).mul_(scaling) : P,
-            need_g ? sums[0] : colsum};
+    const auto none = grad_y.new_empty({0});
+    return {none, need_A ? sums[1] : none, need_B ? sums[2].mul_(g.unsqueeze(1)).mul_(scaling) : none,
+            need_g ? sums[0] : none};
   }
+  auto grad_x = need_x ? at::empty({rows, K}, grad_y.options()) : grad_y.new_empty({0});
+  auto grad_A = need_A ? at::zeros({r, K}, acc_opts) : grad_y.new_empty({0});
+  auto P = need_B ? at::zeros({r, D}, acc_opts) : grad_y.new_empty({0});  // S^T dY
+  auto colsum = need_g ? at::zeros({D}, acc_opts) : grad_y.new_empty({0});
   if (rows > 0 && D > 0 && (need_S || need_B || need_g)) {
     // with dX, large blocks (its GEMMs dominate); without, cache-sized ones (measured 2.3x faster
     // for the rank-r products, 2048 x 1024 -> 1024, r = 16, one thread)
