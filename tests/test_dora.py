@@ -342,16 +342,18 @@ def test_compiles_fullgraph():
 
 
 @pytest.mark.parametrize("kernel", ["dora_backward_p0", "dora_merged_weight"])
-def test_cpu_backend_needs_an_extension_with_the_dora_kernels(monkeypatch, kernel):
+def test_cpu_backend_needs_an_extension_with_the_dora_kernels(monkeypatch, request, kernel):
     """An extension built from older sources (without one of the DoRA kernels) makes only the dora
     family's cpu backend unavailable, with the reason; automatic choice then falls to torch."""
     pytest.importorskip("fusedpeft._C")
-    from fusedpeft import backends
+    from fusedpeft import backends, cpp_backend
     from fusedpeft.cpp_backend import dora as cpp_dora
 
     real = torch._C._dispatch_has_kernel_for_dispatch_key
     monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key",
                         lambda name, key: False if name.endswith(kernel) else real(name, key))
+    cpp_backend.has_kernel.cache_clear()  # as in a fresh process that loads the older extension
+    request.addfinalizer(cpp_backend.has_kernel.cache_clear)
     assert f"no CPU {kernel} kernel" in cpp_dora.unavailable_reason(torch.device("cpu"))
     assert backends.unavailable_reason("cpu", "lora", torch.device("cpu")) is None
     assert backends.resolve_backend("dora", None, torch.device("cpu")) == "torch"

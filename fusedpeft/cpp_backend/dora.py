@@ -30,7 +30,7 @@ import torch
 
 import fusedpeft._C  # noqa: F401  (registers torch.ops.fusedpeft_C)
 from fusedpeft.backends import implementation
-from fusedpeft.cpp_backend import seed_value
+from fusedpeft.cpp_backend import has_kernel, seed_value
 from fusedpeft.cpp_backend import unavailable_reason as _extension_unavailable
 from fusedpeft.cpp_backend.dequant import dequantize_4bit
 from fusedpeft.host.dora import (
@@ -60,7 +60,7 @@ def unavailable_reason(device: torch.device) -> str | None:
     if reason is not None or key is None:
         return reason
     for name in _KERNELS[key]:
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedpeft_C::{name}", key):
+        if not has_kernel(name, key):
             return (f"fusedpeft._C has no {key} {name} kernel: it was built from older sources"
                     + (" or without its CUDA sources (FUSEDPEFT_SKIP_CUDA=1)" if key == "CUDA" else "")
                     + "; rebuild it")
