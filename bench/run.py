@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
 import torch
 
 from bench import ce, dora, lora, lora_grouped, mora, qlora
+from bench.allocator import pin_glibc_heap
 from bench.common import Settings, run_case
 from bench.memory import validate_cpu_method
 from bench.plot import plot_results
@@ -53,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cases", default=None, help="comma-separated substrings of 'suite/case' to keep")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's choice); 1 is steadier on a busy machine")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="CPU: leave glibc's heap thresholds alone (default: pinned, bench/allocator.py, so that "
+                             "page faults do not depend on the providers run before)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no new case after this many seconds (the rest is listed as not run)")
     return parser.parse_args(argv)
@@ -133,6 +137,9 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = None
+    if device.type == "cpu":
+        allocator = "glibc defaults (--default-malloc)" if args.default_malloc else pin_glibc_heap()
     settings = Settings.make(device, dtype, args.quick, args.smoke)
     INTERPRETED_TRITON["allowed"] = args.smoke and os.environ.get("TRITON_INTERPRET") == "1"
     out_dir = Path(args.out or os.environ.get("OUT") or REPO / "bench" / "results" / "local")
@@ -141,10 +148,13 @@ def main(argv=None) -> int:
     filters = [f for f in args.cases.split(",") if f] if args.cases else None
 
     info = machine_info(device)
+    info["cpu_allocator"] = allocator or ("not pinned: no glibc mallopt" if device.type == "cpu" else None)
     print(f"fusedpeft bench: suites {suite_names} on {info['device_name']} ({device}), {str(dtype)[6:]}, "
           f"{'smoke' if args.smoke else 'quick' if args.quick else 'full'}; torch {info['torch']}, "
           f"{info['cpu_count']} CPUs, {info['date']}")
     print(f"fusedpeft backends: {info['fusedpeft_backends']}")
+    if info["cpu_allocator"]:
+        print(f"CPU allocator: {info['cpu_allocator']}")
     report = {"machine": info, "settings": {k: str(v) for k, v in vars(settings).items()}, "cases": []}
     if device.type == "cpu":
         checks = validate_cpu_method()
