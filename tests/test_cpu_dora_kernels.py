@@ -67,7 +67,8 @@ def test_backward_without_dx_matches_formula(dtype, shape, need):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("shape", [(1024, 1024, 16), (7, 33, 3), (1, 1, 1), (130, 17, 5), (9, 100, 16)])
+@pytest.mark.parametrize("shape", [(1024, 1024, 16), (7, 33, 3), (1, 1, 1), (130, 17, 5), (9, 100, 16), (16, 8, 2),
+                                   (40, 49, 33)])
 def test_merged_weight_matches_formula(dtype, shape):
     assert merged_error(*shape, dtype) < TOL[dtype]
 

@@ -194,7 +194,7 @@ at::Tensor dora_merged_weight(const at::Tensor& weight_in, const at::Tensor& A_i
                                        C.data_ptr<float>() + begin * r, g.data_ptr<float>() + begin, end - begin, K, r,
                                        out.data_ptr<float>() + begin * K);
     }
-    if (begin + rows_done < end) {  // the rest (fp64, no AVX-512, the last rows of a group of four) by ATen
+    if (begin + rows_done < end) {  // the rest (fp64, no AVX-512, the rows after the last group of eight) by ATen
       const at::NoGradGuard no_grad;
       const int64_t from = begin + rows_done, n = end - from;
       auto rest = out.narrow(0, from, n);

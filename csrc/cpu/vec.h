@@ -47,7 +47,7 @@ void dora_rank_grads_f32(const float* dY, const float* Y, const float* x, const 
                          int64_t rows, int64_t D, int64_t K, int64_t r, float* colsum, float* PT, float* dAT,
                          float* dS);
 // DoRA's merged weight: out[i, :] = g[i] W[i, :] + sum_q C[i, q] A[q, :] with W, out [rows, K]
-// (contiguous), C = s g B [rows, r], A [r, K], for the first rows in groups of four; returns how
+// (contiguous), C = s g B [rows, r], A [r, K], for the first rows in groups of eight; returns how
 // many it did (0 where the CPU or FUSEDPEFT_CPU_ISA rules out AVX-512). dora_rows.cpp.
 int64_t dora_merged_rows_f32(const float* W, const float* A, const float* C, const float* g, int64_t rows, int64_t K,
                              int64_t r, float* out);
