@@ -7,8 +7,11 @@
 //   P^T[j, :] += dY[t, j] S[t, :]
 // then dA^T[k, :] += x[t, k] dS[t, :]. No horizontal sums; eight rows per pass (10 loads and 1
 // store per 16 FMAs), so C and P^T (64 KB each at D = 1024, r = 16) stream from L2 once per eight
-// rows. Measured 2.1 ms at 2048 x 1024 -> 1024, r = 16, one thread (ATen's GEMMs per block of rows
-// plus the colsum: 2.4 ms; a dot-product form over j, r at a time, vectorised by GCC: 2.7 ms).
+// rows. Measured 1.85 ms at 2048 x 1024 -> 1024, r = 16, one thread (2.1 ms before the prefetch of
+// the rows ahead and the split FMA chains; ATen's GEMMs per block of rows plus the colsum: 2.4 ms;
+// a dot-product form over j, r at a time, vectorised by GCC: 2.7 ms). On the machine it was tuned
+// on, an FMA fed by a fresh load ran at about half the rate of one on registers, and the time did
+// not change with D from 64 to 1024 (C and P^T in L1 or in L2), so the loads, not L2, bound it.
 // FLOPs 2 T r (2 D + K) + 2 T D; bytes (2 D + K) T 4 streamed (dY, Y, x) plus r (2 D + K) 4 from L2.
 //
 // dora_merged_rows_f32: W'' = g W + C A, eight rows per pass over A (each vector of A feeds eight
