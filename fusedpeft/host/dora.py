@@ -68,7 +68,7 @@ def weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     # both r-wide terms from one [D, r] matrix T = W A^T + (s/2) B (A A^T): n^2 = ||W||^2 + 2s (B * T) . 1
     # (three small GEMMs and [D, r]-sized elementwise ops: each parallel region costs on a busy CPU)
     T = _weight_times_At(weight, A).addmm_(B, A @ A.t(), alpha=0.5 * scaling)
-    return (B * T).sum(1).mul_(2.0 * scaling).add_(sq).clamp_min_(0.0).sqrt_()
+    return torch.add(sq, torch.linalg.vecdot(B, T), alpha=2.0 * scaling).clamp_min_(0.0).sqrt_()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,10 +182,11 @@ def magnitude_grad_from_sums(num, dy, x, weight, lora_B, g, S, scaling: float) -
     columns where g == 0 (Y holds no u there) from u recomputed for those columns only."""
     gg = g.to(num.dtype)
     zero = gg == 0
+    if not bool(zero.any()):
+        return num / gg
     dg = num / torch.where(zero, torch.ones_like(gg), gg)
-    if bool(zero.any()):
-        cols = zero.nonzero().squeeze(1)
-        dg[cols] = (dy[:, cols].to(num.dtype) * _unscaled_columns(x, weight, lora_B, S, scaling, cols)).sum(0)
+    cols = zero.nonzero().squeeze(1)
+    dg[cols] = (dy[:, cols].to(num.dtype) * _unscaled_columns(x, weight, lora_B, S, scaling, cols)).sum(0)
     return dg
 
 
