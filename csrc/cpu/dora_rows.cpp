@@ -15,7 +15,7 @@
 // FLOPs 2 T r (2 D + K) + 2 T D; bytes (2 D + K) T 4 streamed (dY, Y, x) plus r (2 D + K) 4 from L2.
 //
 // dora_merged_rows_f32: W'' = g W + C A, eight rows per pass over A (each vector of A feeds eight
-// rows); 0.44 ms at 1024 x 1024, r = 16 against 0.64 for ATen's scaling pass plus addmm_.
+// rows); 0.42 ms at 1024 x 1024, r = 16, one thread, against 0.64 for ATen's scaling pass plus addmm_.
 #include <cstdint>
 
 #include "vec.h"
@@ -170,7 +170,7 @@ __attribute__((target("avx512f"))) int64_t rank_grads_avx512(const float* dY, co
 }
 
 // out = g W + C A, eight rows by two vectors of K (32 columns) per step: each vector of A feeds eight
-// FMAs and each broadcast of C two (four rows by one vector: 0.51 ms against 0.44 at 1024 x 1024,
+// FMAs and each broadcast of C two (four rows by one vector: 0.49 ms against 0.42 at 1024 x 1024,
 // r = 16, one thread; prefetching the next rows of W made it slower). Returns how many rows it did
 // (a multiple of eight).
 __attribute__((target("avx512f"))) int64_t merged_rows_avx512(const float* W, const float* A, const float* C,
